@@ -1,0 +1,1 @@
+"""Compute-node side of llm-training: config, data, model, parallel backends, training loop."""

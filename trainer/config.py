@@ -1,0 +1,354 @@
+"""Typed run configuration: dataclasses, YAML + `key=value` loading, validation, the batch plan.
+
+Every field's docstring is the config reference; README.md lists the same keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from trainer.errors import UserError
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-350m": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-774m": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-1.5b": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
+}
+BACKENDS = ("fsdp", "deepspeed")
+ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
+PRECISIONS = ("bf16", "fp32", "fp16")
+WANDB_MODES = ("auto", "off", "offline", "online")
+RESUME_MODES = ("auto", "none")
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    """Output folder of the run: config.yaml, metrics.jsonl, logs/, checkpoints/. Required."""
+    seed: int = 1234
+    """Seed of model init, data shuffle and every RNG stream."""
+    name: str | None = None
+    """Run name shown in W&B and SLURM; defaults to the folder name."""
+
+
+@dataclass
+class DataConfig:
+    path: str = MISSING
+    """Local MDS dataset folder made by `llm-train prepare` (train/ and val/ inside). Required.
+    With `remote` set, this is the cache folder the shards are streamed into (one sub-folder per node)."""
+    remote: str | None = None
+    """Optional remote or shared MDS location (s3://, gs://, or a shared filesystem path)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+    num_canonical_nodes: int = 1
+    """Pinned so that the global sample order does not depend on the node count (resume on N nodes)."""
+    shuffle: bool = True
+    """Shuffle the training samples (deterministic, seeded by run.seed)."""
+    shuffle_block_size: int | None = None
+    """streaming's shuffle block size; None lets streaming choose."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"
+    """Preset shape: tiny | gpt2-124m | gpt2-350m | gpt2-774m | gpt2-1.5b."""
+    n_layer: int | None = None
+    """Overrides the preset's number of transformer blocks."""
+    n_head: int | None = None
+    """Overrides the preset's number of attention heads."""
+    n_embd: int | None = None
+    """Overrides the preset's hidden width."""
+    vocab_size: int | None = None
+    """Vocabulary size; None takes it from the dataset's prepare.json."""
+    seq_len: int | None = None
+    """Context length (n_positions); None takes it from the dataset's prepare.json."""
+    init_from: str | None = None
+    """An exported HF folder or HF model name to start from (fine-tuning)."""
+    attn: str = "auto"
+    """auto | flash_attention_2 | sdpa | eager. auto: flash-attn on CUDA >= 8.0, else SDPA, else eager."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward to save memory."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention and residuals."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "fsdp"
+    """fsdp (FSDP2 fully_shard + DCP) | deepspeed (ZeRO stage 3)."""
+    timeout_s: int = 600
+    """Collective timeout: a lost or stalled rank fails the job after this many seconds instead of hanging it."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8
+    """Sequences per optimizer step for the whole job; independent of the node count."""
+    micro_batch_size: int = 4
+    """Sequences per device per forward pass; accumulation = global / (micro * world size)."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    lr: float = 6e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 10
+    """Linear warmup steps, then cosine decay to min_lr at max_steps."""
+    min_lr: float = 6e-5
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases, norms or embeddings' positions)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    precision: str = "bf16"
+    """bf16 | fp32 | fp16 (fp16 for deepspeed only)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; None uses the known peak of the GPU (H100, H200, A100)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    """Save a checkpoint every this many optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; the newest complete one is never deleted."""
+    # `async` is a Python keyword; the YAML key is `async`, mapped in `_rename_keywords`.
+    async_save: bool = False
+    """YAML key `checkpoint.async`: write FSDP shards in the background while training goes on."""
+    resume: str = "auto"
+    """auto (newest valid checkpoint in run.dir) | none | a checkpoint folder."""
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 100
+    """Evaluate on the validation split every this many steps (and at the end); 0 disables."""
+    batches: int = 20
+    """Validation batches per evaluation (per rank)."""
+
+
+@dataclass
+class LogConfig:
+    wandb: str = "auto"
+    """auto (online with WANDB_API_KEY, else offline) | off | offline | online."""
+    wandb_project: str = "llm-training"
+    """W&B project name."""
+    every_steps: int = 10
+    """Write a train line to metrics.jsonl every this many steps."""
+
+
+@dataclass
+class SlurmConfig:
+    max_requeues: int = 10
+    """Requeues after preemption or time limit before the run gives up."""
+    signal_lead_s: int = 180
+    """Seconds before the time limit at which SLURM sends SIGUSR2 (save + requeue)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the fixed global batch is split over devices and accumulation steps."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    world_size: int
+    grad_accum: int
+    seq_len: int | None = None
+
+    @property
+    def tokens_per_step(self) -> int | None:
+        return None if self.seq_len is None else self.global_batch_size * self.seq_len
+
+    def describe(self) -> str:
+        tokens = f", tokens/step {self.tokens_per_step}" if self.seq_len else ""
+        return (
+            f"global batch {self.global_batch_size} = micro {self.micro_batch_size} x world size "
+            f"{self.world_size} x accumulation {self.grad_accum}{tokens}"
+        )
+
+
+def batch_plan(train: TrainConfig, world_size: int, seq_len: int | None = None) -> BatchPlan:
+    """Derive gradient accumulation; a remainder is a user error naming the three numbers."""
+    per_pass = train.micro_batch_size * world_size
+    if world_size < 1 or per_pass < 1 or train.global_batch_size % per_pass:
+        raise UserError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={train.micro_batch_size} x world size {world_size}; "
+            f"choose a global batch that is a multiple of {max(per_pass, 1)} or change the micro batch"
+        )
+    return BatchPlan(train.global_batch_size, train.micro_batch_size, world_size, train.global_batch_size // per_pass, seq_len)
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a shipped preset (`tiny`, `gpt2-124m`, ...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if path.suffix == "" and preset.is_file():
+        return preset
+    presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise UserError(f"config file '{name_or_path}' does not exist; pass a YAML path or a preset name ({presets})")
+
+
+def _rename_keywords(node: Any) -> Any:
+    """Map YAML keys that are Python keywords onto their dataclass field names."""
+    if OmegaConf.is_dict(node) and "checkpoint" in node and OmegaConf.is_dict(node.checkpoint):
+        ckpt = node.checkpoint
+        if "async" in ckpt:
+            ckpt["async_save"] = ckpt.pop("async")
+    return node
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    key = getattr(error, "full_key", None) or ""
+    key = key.replace("async_save", "async")
+    if isinstance(error, ConfigKeyError):
+        return f"unknown config key '{key}'; remove it or check the spelling against README's config reference"
+    if isinstance(error, MissingMandatoryValue):
+        return f"config key '{key}' is required; set it in the YAML or pass {key}=VALUE"
+    if isinstance(error, ValidationError):
+        message = str(error).splitlines()[0]
+        return f"config key '{key}': {message}"
+    return f"config error at '{key}': {str(error).splitlines()[0]}"
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise UserError(f"override '{bad[0]}' is not key=value; write it like train.lr=3e-4")
+    renamed = [item.replace("checkpoint.async=", "checkpoint.async_save=", 1) for item in overrides]
+    return OmegaConf.from_dotlist(renamed)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or preset name) plus `key=value` overrides into a validated Config."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        file = resolve_config_path(str(path))
+        try:
+            loaded = OmegaConf.load(file)
+        except Exception as error:  # yaml.YAMLError and friends
+            raise UserError(f"config file '{file}' is not valid YAML: {str(error).splitlines()[0]}") from error
+        if not OmegaConf.is_dict(loaded):
+            raise UserError(f"config file '{file}' must hold a mapping of sections (run:, data:, ...)")
+        layers.append(_rename_keywords(loaded))
+    layers.append(_parse_overrides(list(overrides)))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as error:
+        raise UserError(_explain(error)) from error
+    validate(config)
+    return config
+
+
+def _range_problems(config: Config) -> list[str]:
+    checks = [
+        ("train.global_batch_size", config.train.global_batch_size, 1),
+        ("train.micro_batch_size", config.train.micro_batch_size, 1),
+        ("train.max_steps", config.train.max_steps, 1),
+        ("train.warmup_steps", config.train.warmup_steps, 0),
+        ("checkpoint.every_steps", config.checkpoint.every_steps, 1),
+        ("checkpoint.keep_last", config.checkpoint.keep_last, 1),
+        ("eval.every_steps", config.eval.every_steps, 0),
+        ("eval.batches", config.eval.batches, 1),
+        ("log.every_steps", config.log.every_steps, 1),
+        ("data.num_workers", config.data.num_workers, 0),
+        ("data.num_canonical_nodes", config.data.num_canonical_nodes, 1),
+        ("parallel.timeout_s", config.parallel.timeout_s, 1),
+        ("slurm.max_requeues", config.slurm.max_requeues, 0),
+        ("train.grad_clip", config.train.grad_clip, 0),
+        ("train.lr", config.train.lr, 0),
+        ("train.min_lr", config.train.min_lr, 0),
+    ]
+    return [f"{key}={value} must be >= {low}" for key, value, low in checks if value < low]
+
+
+def validate(config: Config) -> None:
+    """Report every problem at once, in one line, each naming its key."""
+    problems = _range_problems(config)
+    choices = [
+        ("model.size", config.model.size, tuple(MODEL_SHAPES)),
+        ("model.attn", config.model.attn, ATTENTION),
+        ("parallel.backend", config.parallel.backend, BACKENDS),
+        ("train.precision", config.train.precision, PRECISIONS),
+        ("log.wandb", config.log.wandb, WANDB_MODES),
+    ]
+    problems += [f"{key}='{value}' is not one of {', '.join(allowed)}" for key, value, allowed in choices if value not in allowed]
+    if config.train.precision == "fp16" and config.parallel.backend != "deepspeed":
+        problems.append("train.precision=fp16 needs parallel.backend=deepspeed; use bf16 with fsdp")
+    if config.train.micro_batch_size > config.train.global_batch_size:
+        problems.append(
+            f"train.micro_batch_size={config.train.micro_batch_size} exceeds train.global_batch_size={config.train.global_batch_size}"
+        )
+    if config.train.min_lr > config.train.lr:
+        problems.append(f"train.min_lr={config.train.min_lr} exceeds train.lr={config.train.lr}")
+    shape = model_shape(config.model) if config.model.size in MODEL_SHAPES else None
+    if shape and shape["n_embd"] % shape["n_head"]:
+        problems.append(f"model.n_embd={shape['n_embd']} is not divisible by model.n_head={shape['n_head']}")
+    if problems:
+        raise UserError("invalid config: " + "; ".join(problems))
+
+
+def model_shape(model: ModelConfig) -> dict[str, int]:
+    """The preset's shape with any explicit n_layer/n_head/n_embd applied."""
+    shape = dict(MODEL_SHAPES[model.size])
+    for key in ("n_layer", "n_head", "n_embd"):
+        value = getattr(model, key)
+        if value is not None:
+            shape[key] = value
+    return shape
+
+
+def to_yaml(config: Config) -> str:
+    text = OmegaConf.to_yaml(OmegaConf.structured(config))
+    return text.replace("async_save:", "async:")
+
+
+def config_hash(config: Config) -> str:
+    """Hash of the settings that define the computation (not where it is written)."""
+    data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+    assert isinstance(data, dict)
+    data["run"].pop("dir", None)
+    data["run"].pop("name", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_config(config: Config, run_dir: Path) -> Path:
+    """Write the resolved config to RUN_DIR/config.yaml atomically."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(to_yaml(config))
+    tmp.replace(target)
+    return target
