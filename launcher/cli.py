@@ -13,7 +13,7 @@ import traceback
 
 from trainer.errors import UserError
 
-COMMANDS = ("prepare",)
+COMMANDS = ("prepare", "train")
 
 
 class _Parser(argparse.ArgumentParser):

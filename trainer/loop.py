@@ -1,0 +1,128 @@
+"""The training loop: one screen, backend-agnostic (nanoGPT's readability, torchtitan's separation)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trainer.config import BatchPlan, Config
+from trainer.distributed import all_reduce_mean
+from trainer.metrics import MetricsLogger, mfu
+from trainer.model import ModelFacts
+from trainer.parallel import Backend
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: training stops instead of silently continuing."""
+
+
+@dataclass
+class TrainState:
+    """Progress counters that a checkpoint saves and a resume restores."""
+
+    step: int = 0
+    tokens: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+@dataclass
+class LoopContext:
+    config: Config
+    plan: BatchPlan
+    backend: Backend
+    metrics: MetricsLogger
+    facts: ModelFacts
+    device: torch.device
+    peak_tflops: float | None
+    is_main: bool
+
+
+def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    ctx.backend.train(False)
+    losses = [ctx.backend.eval_loss(batch["input_ids"].to(ctx.device)).double() for batch in val_batches]
+    ctx.backend.train(True)
+    val_loss = all_reduce_mean(torch.stack(losses).mean())
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def train_loop(ctx: LoopContext, state: TrainState, train_batches: Iterable, val_loader: Any) -> TrainState:
+    cfg, plan, backend = ctx.config, ctx.plan, ctx.backend
+    batches = iter(train_batches)
+    progress = _progress_bar(ctx, state.step)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(state.step + 1, cfg.train.max_steps + 1):
+        step_start = time.perf_counter()
+        lr = backend.lr
+        loss = torch.zeros((), dtype=torch.float64)
+        for micro in range(plan.grad_accum):
+            input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
+            loss += backend.forward_backward(input_ids, last_micro_batch=micro == plan.grad_accum - 1).double().cpu()
+        grad_norm = backend.step()
+        loss_value = all_reduce_mean(loss / plan.grad_accum)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step}; lower train.lr or check the data")
+        state.step, state.tokens = step, state.tokens + plan.global_batch_size * ctx.facts.seq_len
+        state.losses.append(loss_value)
+        window_tokens += plan.global_batch_size * ctx.facts.seq_len
+        if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_s = window_tokens / elapsed
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": state.tokens,
+                "tokens_per_s": round(tokens_per_s, 1),
+                "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), plan.world_size, ctx.peak_tflops),
+                "step_time_s": round(time.perf_counter() - step_start, 4),
+                "mem_gb": _memory_gb(ctx.device),
+            }
+            ctx.metrics.write(record)
+            _report(progress, record)
+            window_start, window_tokens = time.perf_counter(), 0
+        elif progress is not None:
+            progress.update(1)
+        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps):
+            ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
+    if progress is not None:
+        progress.close()
+    return state
+
+
+def _memory_gb(device: torch.device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def _progress_bar(ctx: LoopContext, start_step: int) -> Any:
+    if not (ctx.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=ctx.config.train.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _report(progress: Any, record: dict[str, Any]) -> None:
+    if progress is not None:
+        progress.update(1)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        return
+    log.info(
+        "step %d loss %.4f lr %.2e grad_norm %.3f tokens/s %.0f",
+        record["step"], record["loss"], record["lr"], record["grad_norm"], record["tokens_per_s"],
+    )  # fmt: skip

@@ -1,0 +1,45 @@
+"""Parallel backends behind one small interface; the training loop does not know which one runs."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from trainer.config import BatchPlan, Config
+from trainer.distributed import DistEnv
+
+
+class Backend(Protocol):
+    """A wrapped model with its optimizer and schedule.
+
+    One optimizer step is `grad_accum` calls of `forward_backward` followed by one `step`.
+    """
+
+    name: str
+    module: nn.Module
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
+        """Forward and backward of one micro batch; returns its mean token loss, detached."""
+
+    def step(self) -> float:
+        """Clip, optimizer step, schedule step, zero the gradients; returns the gradient norm before clipping."""
+
+    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean token loss of one batch without gradients."""
+
+    def train(self, mode: bool = True) -> None: ...
+
+    @property
+    def lr(self) -> float: ...
+
+
+def build_backend(config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> Backend:
+    if config.parallel.backend == "deepspeed":
+        from trainer.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(config, model, plan, env)
+    from trainer.parallel.fsdp import FSDPBackend
+
+    return FSDPBackend(config, model, plan, env)

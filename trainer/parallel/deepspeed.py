@@ -1,0 +1,91 @@
+"""DeepSpeed ZeRO stage 3. Its JSON config is derived from ours, so users never keep two in sync."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.config import BatchPlan, Config
+from trainer.distributed import DistEnv
+from trainer.model import compile_blocks
+from trainer.optim import build_scheduler, param_groups
+
+
+def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
+    train = config.train
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        "zero_optimization": {
+            "stage": 3,
+            "overlap_comm": True,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": train.lr,
+                "betas": [train.beta1, train.beta2],
+                "eps": 1e-8,
+                "weight_decay": train.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedBackend:
+    name = "deepspeed"
+
+    def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
+        if env.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        # The model arrives fully initialised on the CPU (not built under zero.Init, whose partitioned
+        # parameters would skip the model's own weight init); the engine partitions it here.
+        if config.train.compile:
+            compile_blocks(model)
+        ds_config = deepspeed_config(config, plan)
+        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, config.train.weight_decay),
+            config=ds_config,
+            lr_scheduler=lambda optimizer: build_scheduler(optimizer, config.train),
+        )
+        self.module = self.engine.module
+        self.device = self.engine.device
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
+        loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+        self.engine.backward(loss)
+        if not last_micro_batch:
+            self.engine.step()  # at a non-boundary micro batch the engine only accumulates
+        return loss.detach().float()
+
+    def step(self) -> float:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.engine(input_ids=input_ids, labels=input_ids).loss.detach().float()
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])

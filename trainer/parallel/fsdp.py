@@ -1,0 +1,70 @@
+"""FSDP2: `fully_shard` per transformer block and on the root, MixedPrecisionPolicy for bf16."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from trainer.config import BatchPlan, Config
+from trainer.distributed import DistEnv
+from trainer.model import compile_blocks
+from trainer.optim import build_optimizer, build_scheduler
+
+
+def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: bool) -> FSDPModule:
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    if precision == "bf16":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    if compile_model:
+        compile_blocks(model)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # The root unit holds the tied wte/lm_head weight, so the tie survives sharding.
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model  # type: ignore[return-value]
+
+
+class FSDPBackend:
+    name = "fsdp"
+
+    def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
+        model.to(env.device)
+        self.module = parallelize(model, config.train.precision, env, config.train.compile)
+        self.optimizer = build_optimizer(self.module, config.train)
+        self.scheduler = build_scheduler(self.optimizer, config.train)
+        self.grad_clip = config.train.grad_clip
+        self.grad_accum = plan.grad_accum
+
+    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
+        # Reduce-scatter gradients only once per optimizer step, on the last micro batch.
+        self.module.set_requires_gradient_sync(last_micro_batch)
+        loss = self.module(input_ids=input_ids, labels=input_ids).loss
+        (loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=input_ids, labels=input_ids).loss.detach()
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
