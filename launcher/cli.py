@@ -13,7 +13,7 @@ import traceback
 
 from trainer.errors import UserError
 
-COMMANDS = ("prepare", "train")
+COMMANDS = ("prepare", "train", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

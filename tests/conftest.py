@@ -9,3 +9,34 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+import json  # noqa: E402
+import sysconfig  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+DEMO_FILES = ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "glob.py", "fnmatch.py", "shlex.py")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    path: Path
+    vocab_size: int
+    seq_len: int
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> PreparedData:
+    """Demo-style data: a few standard-library files, prepared with an offline BPE, seq-len 64."""
+    from trainer.prepare import PrepareOptions, run_prepare
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("demo-data") / "data"
+    run_prepare(
+        PrepareOptions(inputs=[str(stdlib / name) for name in DEMO_FILES], out=out, tokenizer="bpe:512", seq_len=64, workers=1)
+    )
+    stats = json.loads((out / "prepare.json").read_text())
+    return PreparedData(out, stats["vocab_size"], stats["seq_len"])

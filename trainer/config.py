@@ -151,6 +151,11 @@ class LogConfig:
     every_steps: int = 10
     """Write a train line to metrics.jsonl every this many steps."""
 
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads a bare `off` as false.
+        if self.wandb in ("False", "false"):
+            self.wandb = "off"
+
 
 @dataclass
 class SlurmConfig:
@@ -213,7 +218,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     if path.is_file():
         return path
     preset = CONFIGS_DIR / f"{name_or_path}.yaml"
-    if path.suffix == "" and preset.is_file():
+    if "/" not in name_or_path and preset.is_file():
         return preset
     presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
     raise UserError(f"config file '{name_or_path}' does not exist; pass a YAML path or a preset name ({presets})")

@@ -37,6 +37,8 @@ def setup_logging(rank: int = 0, log_file: Path | None = None, console: bool | N
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
+    # streaming explains its defaults at INFO on every dataset construction.
+    logging.getLogger("streaming").setLevel(logging.WARNING)
     for handler in handlers:
         handler.addFilter(rank_filter)
         handler.setFormatter(formatter)
