@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,8 @@ class MetricsLogger:
             return
         self._file = self.path.open("a", buffering=1)
         mode = wandb_mode(config.log.wandb)
+        if mode == "offline":
+            os.environ.setdefault("WANDB_SILENT", "true")
         if mode != "off":
             import wandb
             import yaml
@@ -98,9 +101,7 @@ def _wandb_run_id(run_dir: Path) -> str:
     """One W&B run per RUN_DIR across restarts and requeues."""
     id_file = run_dir / "wandb_id"
     if not id_file.exists():
-        import wandb
-
         tmp = id_file.with_suffix(".tmp")
-        tmp.write_text(wandb.util.generate_id())
+        tmp.write_text(uuid.uuid4().hex[:12])
         tmp.replace(id_file)
     return id_file.read_text().strip()
