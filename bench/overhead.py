@@ -31,7 +31,9 @@ def bare_loop(args: argparse.Namespace, data_dir: Path) -> list[float]:
 
     model_cfg = ModelConfig(size="tiny", n_layer=args.layers, n_embd=args.width, n_head=args.width // 64)
     model = build_model(model_cfg, args.vocab, args.seq_len, "sdpa", seed=1234)
-    train_cfg = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_steps=args.steps, precision="fp32")
+    train_cfg = TrainConfig(
+        global_batch_size=args.batch, micro_batch_size=args.batch, max_steps=args.steps, precision="fp32"
+    )
     optimizer = build_optimizer(model, train_cfg)
     scheduler = build_scheduler(optimizer, train_cfg)
     dataset = StreamingDataset(local=str(data_dir / "train"), batch_size=args.batch, shuffle=False)
@@ -59,7 +61,9 @@ def trainer_run(args: argparse.Namespace, data_dir: Path, run_dir: Path) -> list
         f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}", f"train.max_steps={args.steps}",
         "log.every_steps=1", "log.wandb=off", "eval.every_steps=0", "parallel.backend=fsdp",
     ]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "launcher.cli", "train", "tiny", *overrides, "--nproc", "1"], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "train", "tiny", *overrides, "--nproc", "1"], check=True
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["step_time_s"] for r in records if "loss" in r]
 

@@ -38,7 +38,9 @@ def test_gpt2_presets_have_the_real_gpt2_parameter_counts(size):
 
 
 def test_overrides_apply_with_types(tmp_path):
-    config = load_config("tiny", ["train.lr=0.01", "model.n_layer=3", "checkpoint.async=true", f"run.dir={tmp_path}"])
+    config = load_config(
+        "tiny", ["train.lr=0.01", "model.n_layer=3", "checkpoint.async=true", f"run.dir={tmp_path}"]
+    )
     assert config.train.lr == 0.01 and config.model.n_layer == 3 and config.checkpoint.async_save is True
     assert model_shape(config.model)["n_layer"] == 3
     assert config.run.dir == str(tmp_path)
@@ -74,7 +76,9 @@ def test_all_problems_are_reported_at_once():
     with pytest.raises(UserError) as error:
         load_config("tiny", ["train.max_steps=0", "parallel.backend=x", "eval.batches=0"])
     message = str(error.value)
-    assert "train.max_steps=0" in message and "parallel.backend='x'" in message and "eval.batches=0" in message
+    assert (
+        "train.max_steps=0" in message and "parallel.backend='x'" in message and "eval.batches=0" in message
+    )
 
 
 def test_missing_required_key_names_it(tmp_path):
@@ -89,7 +93,10 @@ def test_missing_config_file_names_the_path():
         load_config("no/such.yaml")
 
 
-@pytest.mark.parametrize(("argv", "needle"), [(["train", "no/such.yaml"], "no/such.yaml"), (["train", "tiny", "train.oops=1"], "train.oops")])
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["train", "no/such.yaml"], "no/such.yaml"), (["train", "tiny", "train.oops=1"], "train.oops")],
+)
 def test_cli_config_errors_exit_2_with_one_line(capsys, argv, needle):
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()

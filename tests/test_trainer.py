@@ -20,7 +20,12 @@ def backend_runs(demo_dataset, tmp_path_factory):
     runs = {}
     for backend in ("fsdp", "deepspeed"):
         run_dir = tmp_path_factory.mktemp(backend)
-        overrides = [f"parallel.backend={backend}", "train.max_steps=30", "train.global_batch_size=8", "train.micro_batch_size=2"]
+        overrides = [
+            f"parallel.backend={backend}",
+            "train.max_steps=30",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+        ]
         runs[backend] = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides)
     return runs
 
@@ -60,8 +65,12 @@ def test_metrics_lines_have_spec_fields(backend_runs, demo_dataset):
 def test_gradient_accumulation_matches_across_world_sizes(demo_dataset, tmp_path):
     """Global batch 8 as (micro 4, 1 rank, accum 2) and (micro 2, 2 ranks, accum 2): the 1-to-N promise."""
     common = ["train.max_steps=5", "train.global_batch_size=8"]
-    one = losses(train(tmp_path / "one", demo_dataset.path, nproc=1, overrides=[*common, "train.micro_batch_size=4"]))
-    two = losses(train(tmp_path / "two", demo_dataset.path, nproc=2, overrides=[*common, "train.micro_batch_size=2"]))
+    one = losses(
+        train(tmp_path / "one", demo_dataset.path, nproc=1, overrides=[*common, "train.micro_batch_size=4"])
+    )
+    two = losses(
+        train(tmp_path / "two", demo_dataset.path, nproc=2, overrides=[*common, "train.micro_batch_size=2"])
+    )
     for step, (a, b) in enumerate(zip(one, two, strict=True), start=1):
         assert abs(a - b) / abs(a) < 1e-5, f"step {step}: 1 rank {a} vs 2 ranks {b}"
 
@@ -97,7 +106,12 @@ def test_activation_checkpointing_gives_the_same_loss():
 
 @pytest.mark.parametrize(
     ("capability", "flash_installed", "expected"),
-    [((9, 0), True, "flash_attention_2"), ((8, 0), True, "flash_attention_2"), ((7, 5), True, "sdpa"), ((9, 0), False, "sdpa")],
+    [
+        ((9, 0), True, "flash_attention_2"),
+        ((8, 0), True, "flash_attention_2"),
+        ((7, 5), True, "sdpa"),
+        ((9, 0), False, "sdpa"),
+    ],
 )
 def test_auto_attention_choice(monkeypatch, capability, flash_installed, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -156,7 +170,10 @@ def test_data_path_that_is_not_a_prepared_dataset_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_bf16_steps_on_gpu(demo_dataset, tmp_path, backend):
     records = train(
-        tmp_path, demo_dataset.path, nproc=1, overrides=[f"parallel.backend={backend}", "train.precision=bf16", "train.max_steps=5"]
+        tmp_path,
+        demo_dataset.path,
+        nproc=1,
+        overrides=[f"parallel.backend={backend}", "train.precision=bf16", "train.max_steps=5"],
     )
     values = losses(records)
     assert len(values) == 5 and all(math.isfinite(v) for v in values)

@@ -98,7 +98,9 @@ class TrainConfig:
     micro_batch_size: int = 4
     """Sequences per device per forward pass; accumulation = global / (micro * world size)."""
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps; the learning-rate schedule spans them."""
+    stop_at_step: int | None = None
+    """Stop (with a checkpoint) after this step although the schedule spans max_steps: staged runs."""
     lr: float = 6e-4
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 10
@@ -209,7 +211,13 @@ def batch_plan(train: TrainConfig, world_size: int, seq_len: int | None = None) 
             f"train.micro_batch_size={train.micro_batch_size} x world size {world_size}; "
             f"choose a global batch that is a multiple of {max(per_pass, 1)} or change the micro batch"
         )
-    return BatchPlan(train.global_batch_size, train.micro_batch_size, world_size, train.global_batch_size // per_pass, seq_len)
+    return BatchPlan(
+        train.global_batch_size,
+        train.micro_batch_size,
+        world_size,
+        train.global_batch_size // per_pass,
+        seq_len,
+    )
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -221,7 +229,9 @@ def resolve_config_path(name_or_path: str) -> Path:
     if "/" not in name_or_path and preset.is_file():
         return preset
     presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise UserError(f"config file '{name_or_path}' does not exist; pass a YAML path or a preset name ({presets})")
+    raise UserError(
+        f"config file '{name_or_path}' does not exist; pass a YAML path or a preset name ({presets})"
+    )
 
 
 def _rename_keywords(node: Any) -> Any:
@@ -237,7 +247,9 @@ def _explain(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or ""
     key = key.replace("async_save", "async")
     if isinstance(error, ConfigKeyError):
-        return f"unknown config key '{key}'; remove it or check the spelling against README's config reference"
+        return (
+            f"unknown config key '{key}'; remove it or check the spelling against README's config reference"
+        )
     if isinstance(error, MissingMandatoryValue):
         return f"config key '{key}' is required; set it in the YAML or pass {key}=VALUE"
     if isinstance(error, ValidationError):
@@ -263,7 +275,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         try:
             loaded = OmegaConf.load(file)
         except Exception as error:  # yaml.YAMLError and friends
-            raise UserError(f"config file '{file}' is not valid YAML: {str(error).splitlines()[0]}") from error
+            raise UserError(
+                f"config file '{file}' is not valid YAML: {str(error).splitlines()[0]}"
+            ) from error
         if not OmegaConf.is_dict(loaded):
             raise UserError(f"config file '{file}' must hold a mapping of sections (run:, data:, ...)")
         layers.append(_rename_keywords(loaded))
@@ -309,7 +323,11 @@ def validate(config: Config) -> None:
         ("train.precision", config.train.precision, PRECISIONS),
         ("log.wandb", config.log.wandb, WANDB_MODES),
     ]
-    problems += [f"{key}='{value}' is not one of {', '.join(allowed)}" for key, value, allowed in choices if value not in allowed]
+    problems += [
+        f"{key}='{value}' is not one of {', '.join(allowed)}"
+        for key, value, allowed in choices
+        if value not in allowed
+    ]
     if config.train.precision == "fp16" and config.parallel.backend != "deepspeed":
         problems.append("train.precision=fp16 needs parallel.backend=deepspeed; use bf16 with fsdp")
     if config.train.micro_batch_size > config.train.global_batch_size:

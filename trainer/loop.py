@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from trainer.checkpoint import CheckpointManager
 from trainer.config import BatchPlan, Config
 from trainer.distributed import all_reduce_mean
 from trainer.metrics import MetricsLogger, mfu
@@ -50,6 +51,7 @@ class LoopContext:
     device: torch.device
     peak_tflops: float | None
     is_main: bool
+    checkpoints: CheckpointManager
 
 
 def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -60,22 +62,29 @@ def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
-def train_loop(ctx: LoopContext, state: TrainState, train_batches: Iterable, val_loader: Any) -> TrainState:
+def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any) -> TrainState:
     cfg, plan, backend = ctx.config, ctx.plan, ctx.backend
-    batches = iter(train_batches)
+    batches = iter(train_loader)
     progress = _progress_bar(ctx, state.step)
     window_start, window_tokens = time.perf_counter(), 0
-    for step in range(state.step + 1, cfg.train.max_steps + 1):
+    last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
+    for step in range(state.step + 1, last_step + 1):
         step_start = time.perf_counter()
         lr = backend.lr
         loss = torch.zeros((), dtype=torch.float64)
         for micro in range(plan.grad_accum):
             input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
-            loss += backend.forward_backward(input_ids, last_micro_batch=micro == plan.grad_accum - 1).double().cpu()
+            loss += (
+                backend.forward_backward(input_ids, last_micro_batch=micro == plan.grad_accum - 1)
+                .double()
+                .cpu()
+            )
         grad_norm = backend.step()
         loss_value = all_reduce_mean(loss / plan.grad_accum)
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step}; lower train.lr or check the data")
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_value}) at step {step}; lower train.lr or check the data"
+            )
         state.step, state.tokens = step, state.tokens + plan.global_batch_size * ctx.facts.seq_len
         state.losses.append(loss_value)
         window_tokens += plan.global_batch_size * ctx.facts.seq_len
@@ -100,6 +109,10 @@ def train_loop(ctx: LoopContext, state: TrainState, train_batches: Iterable, val
             progress.update(1)
         if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps):
             ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
+        if ctx.checkpoints.due(step) or step == last_step:
+            ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=step == last_step)
+            ctx.metrics.event("checkpoint", step)
+    ctx.checkpoints.wait()
     if progress is not None:
         progress.close()
     return state
@@ -114,7 +127,9 @@ def _progress_bar(ctx: LoopContext, start_step: int) -> Any:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=ctx.config.train.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(
+        total=ctx.config.train.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+    )
 
 
 def _report(progress: Any, record: dict[str, Any]) -> None:

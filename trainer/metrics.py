@@ -75,7 +75,9 @@ class MetricsLogger:
         record["time"] = round(time.time(), 3)
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+            numbers = {
+                k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
+            }
             if "event" in record:
                 numbers[f"event/{record['event']}"] = 1
             self._wandb.log(numbers, step=record.get("step"))

@@ -79,11 +79,17 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed
     torch.manual_seed(seed)
     if cfg.init_from:
         try:
-            model = AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=attn, torch_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.init_from, attn_implementation=attn, torch_dtype=torch.float32
+            )
         except OSError as error:
-            raise UserError(f"model.init_from='{cfg.init_from}' cannot be loaded ({error}); give an exported HF folder") from error
+            raise UserError(
+                f"model.init_from='{cfg.init_from}' cannot be loaded ({error}); give an exported HF folder"
+            ) from error
         if model.config.n_positions < seq_len:
-            raise UserError(f"model.init_from has n_positions={model.config.n_positions} < data seq_len {seq_len}")
+            raise UserError(
+                f"model.init_from has n_positions={model.config.n_positions} < data seq_len {seq_len}"
+            )
     else:
         model = GPT2LMHeadModel._from_config(gpt2_config(cfg, vocab_size, seq_len), attn_implementation=attn)
     model.config.use_cache = False

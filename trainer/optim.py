@@ -34,7 +34,11 @@ def lr_at(step: int, train: TrainConfig) -> float:
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
-        param_groups(model, train.weight_decay), lr=train.lr, betas=(train.beta1, train.beta2), eps=1e-8, foreach=True
+        param_groups(model, train.weight_decay),
+        lr=train.lr,
+        betas=(train.beta1, train.beta2),
+        eps=1e-8,
+        foreach=True,
     )
 
 

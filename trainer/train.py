@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.checkpoint import CheckpointManager
 from trainer.config import Config, batch_plan, write_config
 from trainer.data import DatasetInfo, build_loader, read_dataset_info
 from trainer.distributed import DistEnv
@@ -32,40 +33,61 @@ def model_dims(config: Config, info: DatasetInfo) -> tuple[int, int]:
     vocab = config.model.vocab_size or info.vocab_size
     seq_len = config.model.seq_len or info.seq_len
     if vocab is None:
-        raise UserError(f"the dataset at '{config.data.path}' has no prepare.json; set model.vocab_size to its tokenizer's size")
+        raise UserError(
+            f"the dataset at '{config.data.path}' has no prepare.json; set model.vocab_size to its tokenizer's size"
+        )
     if info.vocab_size is not None and vocab < info.vocab_size:
-        raise UserError(f"model.vocab_size={vocab} is smaller than the dataset's vocab_size {info.vocab_size}")
+        raise UserError(
+            f"model.vocab_size={vocab} is smaller than the dataset's vocab_size {info.vocab_size}"
+        )
     if seq_len < info.seq_len:
-        raise UserError(f"model.seq_len={seq_len} is shorter than the dataset's samples ({info.seq_len} tokens)")
+        raise UserError(
+            f"model.seq_len={seq_len} is shorter than the dataset's samples ({info.seq_len} tokens)"
+        )
     return vocab, seq_len
 
 
 def run_training(config: Config, env: DistEnv) -> TrainState:
     run_dir = Path(config.run.dir)
-    info = read_dataset_info(config.data.path)
+    info = read_dataset_info(config.data.path, config.data.remote)
     plan = batch_plan(config.train, env.world_size, info.seq_len)
     vocab_size, seq_len = model_dims(config, info)
     if env.is_main:
         write_config(config, run_dir)
         log.info("batch plan: %s", plan.describe())
     seed_everything(config.run.seed)
-    model = build_model(config.model, vocab_size, seq_len, choose_attention(config.model.attn, env.device), config.run.seed)
+    model = build_model(
+        config.model, vocab_size, seq_len, choose_attention(config.model.attn, env.device), config.run.seed
+    )
     facts = model_facts(model, info.seq_len)
     log.info("model: %.2fM parameters, %s", facts.n_params / 1e6, config.model.size)
     backend = build_backend(config, model, plan, env)
-    train_loader = build_loader(config.data, "train", plan.micro_batch_size, config.run.seed)
-    val_loader = build_loader(config.data, "val", plan.micro_batch_size, config.run.seed)
+    loader_args = {"global_batch_size": plan.global_batch_size, "info": info}
+    train_loader = build_loader(config.data, "train", plan.micro_batch_size, config.run.seed, **loader_args)
+    val_loader = build_loader(config.data, "val", plan.micro_batch_size, config.run.seed, **loader_args)
+    checkpoints = CheckpointManager(config, env)
+    resume_point = checkpoints.find_resume()
     metrics = MetricsLogger(config, run_dir, enabled=env.is_main)
-    ctx = LoopContext(
-        config, plan, backend, metrics, facts, env.device, peak_tflops(config.train.peak_tflops, env.device), env.is_main
-    )
+    peak = peak_tflops(config.train.peak_tflops, env.device)
+    ctx = LoopContext(config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints)
     state = TrainState()
     try:
-        metrics.event("start", state.step, world_size=env.world_size, backend=backend.name, grad_accum=plan.grad_accum)
-        if config.eval.every_steps:
+        metrics.event(
+            "start", state.step, world_size=env.world_size, backend=backend.name, grad_accum=plan.grad_accum
+        )
+        if resume_point is not None:
+            state.load_state_dict(checkpoints.load(resume_point, backend, train_loader))
+            metrics.event(
+                "resume",
+                state.step,
+                checkpoint=str(resume_point.step_dir),
+                from_world_size=resume_point.world_size,
+            )
+        elif config.eval.every_steps:
             metrics.write({"step": state.step, **evaluate(ctx, val_loader.iter_batches(config.eval.batches))})
         train_loop(ctx, state, train_loader, val_loader)
-        metrics.event("done", state.step, tokens=state.tokens)
+        if state.step >= config.train.max_steps:
+            metrics.event("done", state.step, tokens=state.tokens)
     finally:
         metrics.close()
     return state

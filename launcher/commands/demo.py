@@ -23,7 +23,9 @@ NPROC = 2
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="prepare the demo corpus, train a tiny model, evaluate")
     parser.add_argument("--out", default="demo", help="output folder (data/ and run/ inside)")
-    parser.add_argument("--minutes", type=float, default=3.0, help="approximate training time on a 2-core CPU")
+    parser.add_argument(
+        "--minutes", type=float, default=3.0, help="approximate training time on a 2-core CPU"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -36,7 +38,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"demo: reusing the prepared corpus in {data_dir}")
     else:
         stats = run_prepare(
-            PrepareOptions(inputs=stdlib_corpus_glob(), out=data_dir, tokenizer="bpe:4096", seq_len=256, workers=NPROC)
+            PrepareOptions(
+                inputs=stdlib_corpus_glob(), out=data_dir, tokenizer="bpe:4096", seq_len=256, workers=NPROC
+            )
         )
         print("demo: prepared the Python standard library corpus: " + json.dumps(stats))
     if run_dir.exists():

@@ -23,6 +23,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     # Everything checkable is checked here, once, before any process starts.
     config = load_config(args.config, args.overrides)
-    info = read_dataset_info(config.data.path)
+    info = read_dataset_info(config.data.path, config.data.remote)
     batch_plan(config.train, args.nproc, info.seq_len)
     return launch_local(args.nproc, [args.config, *args.overrides])

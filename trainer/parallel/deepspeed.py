@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
 from trainer.model import compile_blocks
 from trainer.optim import build_scheduler, param_groups
+
+log = logging.getLogger(__name__)
+TAG = "deepspeed"
+UNIVERSAL = ".universal"  # derived data: a leading dot keeps it out of the manifest
 
 
 def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
@@ -45,7 +54,10 @@ def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
 
 
 class DeepSpeedBackend:
+    """Checkpoints in the engine's own format; another world size loads them as universal checkpoints."""
+
     name = "deepspeed"
+    supports_async = False
 
     def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
         if env.device.type == "cpu":
@@ -89,3 +101,43 @@ class DeepSpeedBackend:
     @property
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def save(self, step_dir: Path, async_group: Any = None) -> None:
+        self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
+
+    def load(self, step_dir: Path, saved_world_size: int) -> None:
+        if saved_world_size == dist.get_world_size():
+            self.engine.load_checkpoint(str(step_dir), tag=TAG)
+            return
+        universal = step_dir / UNIVERSAL
+        if dist.get_rank() == 0 and not universal.is_dir():
+            to_universal(step_dir / TAG, universal)
+        dist.barrier()
+        log.info(
+            "world size %d -> %d: loading the universal form of %s",
+            saved_world_size,
+            dist.get_world_size(),
+            step_dir,
+        )
+        self.engine._config.load_universal_checkpoint = True
+        inner = self.engine.optimizer.optimizer
+        weight_decays = [group["weight_decay"] for group in inner.param_groups]
+        self.engine.load_checkpoint(str(step_dir), tag=UNIVERSAL)
+        # DeepSpeed's universal loader copies group 0's hyper-parameters onto every group and hands all
+        # groups one shared `step` tensor, which AdamW then increments once per group: undo both.
+        for group, weight_decay in zip(inner.param_groups, weight_decays, strict=True):
+            group["weight_decay"] = weight_decay
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent), atomically."""
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {source}: {result.stderr.strip().splitlines()[-1:]}")
+    tmp.rename(target)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
 from trainer.model import compile_blocks
@@ -30,7 +39,10 @@ def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: b
 
 
 class FSDPBackend:
+    """Checkpoints are DCP folders, which reshard on load: any world size can resume any other's."""
+
     name = "fsdp"
+    supports_async = True
 
     def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
         model.to(env.device)
@@ -68,3 +80,25 @@ class FSDPBackend:
     @property
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def _dcp_state(self) -> dict[str, Any]:
+        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        return {"model": model_state, "optim": optim_state}
+
+    def save(self, step_dir: Path, async_group: Any = None) -> Future | None:
+        """Write model + optimizer shards; with `async_group`, in the background (returns the future)."""
+        if dist.get_rank() == 0:
+            atomic_write_text(step_dir / "scheduler.json", json.dumps(self.scheduler.state_dict()))
+        state = self._dcp_state()
+        if async_group is not None:
+            return dcp.async_save(state, checkpoint_id=step_dir / "model", process_group=async_group)
+        dcp.save(state, checkpoint_id=step_dir / "model")
+        return None
+
+    def load(self, step_dir: Path, saved_world_size: int) -> None:
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=step_dir / "model")
+        set_state_dict(
+            self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+        )
+        self.scheduler.load_state_dict(json.loads((step_dir / "scheduler.json").read_text()))

@@ -1,0 +1,5 @@
+"""Checkpoints: sharded, verified by a manifest written last, resumed exactly (see manager.py)."""
+
+from trainer.checkpoint.manager import CheckpointManager, ResumePoint, newest_valid_step, verify_step
+
+__all__ = ["CheckpointManager", "ResumePoint", "newest_valid_step", "verify_step"]

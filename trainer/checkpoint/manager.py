@@ -1,0 +1,294 @@
+"""One checkpoint manager for both backends: step folders, manifest last, `latest`, retention, resume.
+
+    RUN_DIR/checkpoints/step_00000100/
+        model/ or deepspeed/     backend shards (DCP, or the DeepSpeed engine's own format)
+        rng/rank00000.pt         per-rank RNG states
+        train_state.json         step, tokens, data-loader position, world size
+        config.yaml              the resolved config
+        manifest.json            written last, by rank 0, once every rank's files are durable
+    RUN_DIR/checkpoints/latest   the newest complete step, replaced atomically
+
+A step counts only once its manifest exists and verifies (torchtitan's rule). Saving is a
+collective: every rank calls `save` at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer.atomic import atomic_write_bytes, atomic_write_text
+from trainer.checkpoint.manifest import MANIFEST, check_files, describe_files, list_files, read_manifest
+from trainer.checkpoint.rng import rng_state, set_rng_state
+from trainer.config import Config, config_hash, to_yaml
+from trainer.distributed import DistEnv
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+STEP_PREFIX = "step_"
+LATEST = "latest"
+# Test hook: seconds to sleep after the shards are written and before the manifest (kill -9 tests).
+SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def _versions() -> dict[str, str]:
+    names = ("llm-training", "torch", "transformers", "deepspeed", "mosaicml-streaming")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    step_dir: Path
+    manifest: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.manifest["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest["world_size"])
+
+    def train_state(self) -> dict[str, Any]:
+        return json.loads((self.step_dir / "train_state.json").read_text())
+
+
+def verify_step(step_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) for a complete checkpoint, else (None, what is wrong). Single process."""
+    try:
+        manifest = read_manifest(step_dir)
+    except ValueError as error:
+        return None, str(error)
+    problem = check_files(step_dir, manifest["files"])
+    return (None, problem) if problem else (manifest, None)
+
+
+def step_folders(root: Path) -> list[Path]:
+    """Step folders, newest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()
+    ]
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]), reverse=True)
+
+
+def newest_valid_step(root: Path) -> ResumePoint | None:
+    """The newest step whose manifest verifies, warning about each newer one that does not."""
+    _check_latest(root)
+    for folder in step_folders(root):
+        manifest, problem = verify_step(folder)
+        if manifest is not None:
+            return ResumePoint(folder, manifest)
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def _check_latest(root: Path) -> None:
+    latest = root / LATEST
+    if not root.is_dir() or not any(step_folders(root)):
+        return
+    name = latest.read_text().strip() if latest.is_file() else ""
+    if not name:
+        log.warning("%s is missing or empty; choosing the newest valid step folder instead", latest)
+    elif not (root / name / MANIFEST).is_file():
+        log.warning(
+            "%s names '%s', which is not a complete checkpoint; choosing the newest valid one", latest, name
+        )
+
+
+class CheckpointManager:
+    def __init__(self, config: Config, env: DistEnv) -> None:
+        self.config = config
+        self.env = env
+        self.root = Path(config.run.dir) / "checkpoints"
+        self._pending: threading.Thread | None = None
+        self._pending_error: BaseException | None = None
+        self._async_group = None
+        self.last_saved_step: int | None = None
+
+    # ---- resume -------------------------------------------------------------------------
+
+    def find_resume(self) -> ResumePoint | None:
+        """The checkpoint to resume from, decided by rank 0 and shared with every rank."""
+        setting = self.config.checkpoint.resume
+        choice: list[Any] = [None]
+        if self.env.is_main:
+            choice[0] = self._choose(setting)
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise UserError(choice[0])
+        return choice[0]
+
+    def _choose(self, setting: str) -> ResumePoint | str | None:
+        if setting == "none":
+            return None
+        if setting != "auto":
+            folder = Path(setting)
+            manifest, problem = verify_step(folder)
+            if manifest is None:
+                return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
+            return ResumePoint(folder, manifest)
+        return newest_valid_step(self.root)
+
+    def load(self, point: ResumePoint, backend: Any, loader: Any) -> dict[str, Any]:
+        """Restore backend shards, RNG streams and the data position; returns the train state dict."""
+        manifest = point.manifest
+        if manifest["backend"] != backend.name:
+            raise UserError(
+                f"checkpoint {point.step_dir} was written by parallel.backend={manifest['backend']}, this run uses "
+                f"{backend.name}; resume with the same backend, or `llm-train export` it and start with model.init_from"
+            )
+        if manifest.get("config_hash") != config_hash(self.config):
+            log.warning("the config differs from the one checkpoint %s was written with", point.step_dir)
+        backend.load(point.step_dir, point.world_size)
+        rng_file = point.step_dir / "rng" / f"rank{self.env.rank:05d}.pt"
+        if point.world_size == self.env.world_size and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning(
+                "world size changed (%d -> %d): RNG streams start fresh",
+                point.world_size,
+                self.env.world_size,
+            )
+        state = point.train_state()
+        loader.load_state_dict(state["data"])
+        log.info(
+            "resumed from %s (step %d, saved with world size %d)",
+            point.step_dir,
+            point.step,
+            point.world_size,
+        )
+        return state
+
+    # ---- save ---------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return step % self.config.checkpoint.every_steps == 0 or step == self.config.train.max_steps
+
+    def save(
+        self, step: int, train_state: dict[str, Any], backend: Any, loader: Any, blocking: bool = False
+    ) -> None:
+        """Save step `step` on every rank; with checkpoint.async (FSDP) the shards are written in the background."""
+        self.wait()
+        started = time.perf_counter()
+        step_dir = self.root / step_dir_name(step)
+        if self.env.is_main:
+            if step_dir.exists():
+                shutil.rmtree(step_dir)  # an unfinished attempt at this step, or a resume=none rerun
+            (step_dir / "rng").mkdir(parents=True)
+        _barrier()
+        use_async = self.config.checkpoint.async_save and not blocking and backend.supports_async
+        future = backend.save(step_dir, self._checkpoint_group() if use_async else None)
+        torch.save(rng_state(), step_dir / "rng" / f"rank{self.env.rank:05d}.pt")
+        if self.env.is_main:
+            state = {**train_state, "world_size": self.env.world_size, "data": loader.state_dict()}
+            atomic_write_text(step_dir / "train_state.json", json.dumps(state, indent=1))
+            atomic_write_text(step_dir / "config.yaml", to_yaml(self.config))
+        if future is None:
+            self._finalize(step, step_dir, None, group=None)
+            log.info("checkpoint step %d saved in %.2f s", step, time.perf_counter() - started)
+        else:
+            self._pending = threading.Thread(
+                target=self._finalize_in_background,
+                args=(step, step_dir, future),
+                name=f"ckpt-{step}",
+                daemon=True,
+            )
+            self._pending.start()
+            log.info("checkpoint step %d: training resumes after %.2f s, shards written in the background",
+                     step, time.perf_counter() - started)  # fmt: skip
+
+    def wait(self) -> None:
+        """Block until a background save has finished (its manifest written or its failure raised)."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._pending_error is not None:
+            error, self._pending_error = self._pending_error, None
+            raise RuntimeError(f"background checkpoint save failed: {error}") from error
+
+    def _finalize_in_background(self, step: int, step_dir: Path, future: Future) -> None:
+        try:
+            self._finalize(step, step_dir, future, group=self._async_group)
+        except BaseException as error:  # re-raised in the training thread by wait()
+            self._pending_error = error
+
+    def _finalize(self, step: int, step_dir: Path, future: Future | None, group: Any) -> None:
+        """Once every rank's files are durable: checksum them (shared out), rank 0 writes the manifest."""
+        if future is not None:
+            future.result()
+        _barrier(group)
+        if sleep_s := float(os.environ.get(SLEEP_IN_SAVE_ENV, "0")):
+            time.sleep(sleep_s)
+        names = list_files(step_dir)
+        mine = describe_files(step_dir, names[self.env.rank :: self.env.world_size])
+        gathered: list[Any] = [None] * self.env.world_size
+        if dist.is_initialized() and self.env.world_size > 1:
+            dist.all_gather_object(gathered, mine, group=group)
+        else:
+            gathered = [mine]
+        if self.env.is_main:
+            files = {name: entry for part in gathered for name, entry in part.items()}
+            manifest = {
+                "step": step,
+                "world_size": self.env.world_size,
+                "backend": self.config.parallel.backend,
+                "config_hash": config_hash(self.config),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+                "files": files,
+            }
+            atomic_write_bytes(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+            atomic_write_text(self.root / LATEST, step_dir.name + "\n")
+            self._retain()
+        self.last_saved_step = step
+        _barrier(group)
+
+    def _retain(self) -> None:
+        """Keep the newest `keep_last` complete steps; incomplete folders older than the newest complete go too."""
+        complete = [folder for folder in step_folders(self.root) if (folder / MANIFEST).is_file()]
+        keep = {folder.name for folder in complete[: self.config.checkpoint.keep_last]}
+        newest_step = int(complete[0].name[len(STEP_PREFIX) :]) if complete else None
+        for folder in step_folders(self.root):
+            step = int(folder.name[len(STEP_PREFIX) :])
+            if folder.name in keep or newest_step is None or step > newest_step:
+                continue
+            log.info("retention: removing %s", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _checkpoint_group(self) -> Any:
+        """A separate gloo group, so background-save collectives never interleave with training's."""
+        if self._async_group is None and dist.is_initialized():
+            self._async_group = dist.new_group(backend="gloo")
+        return self._async_group
+
+
+def _barrier(group: Any = None) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=group)
