@@ -13,7 +13,7 @@ import traceback
 
 from trainer.errors import UserError
 
-COMMANDS = ("prepare", "train", "demo")
+COMMANDS = ("prepare", "train", "eval", "export", "generate", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

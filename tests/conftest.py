@@ -18,7 +18,15 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-DEMO_FILES = ("json/decoder.py", "json/encoder.py", "textwrap.py", "string.py", "glob.py", "fnmatch.py", "shlex.py")
+DEMO_FILES = (
+    "json/decoder.py",
+    "json/encoder.py",
+    "textwrap.py",
+    "string.py",
+    "glob.py",
+    "fnmatch.py",
+    "shlex.py",
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,13 @@ def demo_dataset(tmp_path_factory) -> PreparedData:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("demo-data") / "data"
     run_prepare(
-        PrepareOptions(inputs=[str(stdlib / name) for name in DEMO_FILES], out=out, tokenizer="bpe:512", seq_len=64, workers=1)
+        PrepareOptions(
+            inputs=[str(stdlib / name) for name in DEMO_FILES],
+            out=out,
+            tokenizer="bpe:512",
+            seq_len=64,
+            workers=1,
+        )
     )
     stats = json.loads((out / "prepare.json").read_text())
     return PreparedData(out, stats["vocab_size"], stats["seq_len"])

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from trainer_runs import losses, read_metrics, train
 
 from launcher.cli import main as cli_main
-from trainer_runs import losses, read_metrics, train
 from trainer.config import ModelConfig
 from trainer.model import build_model, choose_attention
 from trainer.optim import lr_at

@@ -359,11 +359,16 @@ def to_yaml(config: Config) -> str:
 
 
 def config_hash(config: Config) -> str:
-    """Hash of the settings that define the computation (not where it is written)."""
+    """Hash of the settings that define the computation (not where it is written or when it pauses)."""
     data = OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
     assert isinstance(data, dict)
-    data["run"].pop("dir", None)
-    data["run"].pop("name", None)
+    for section, key in (
+        ("run", "dir"),
+        ("run", "name"),
+        ("train", "stop_at_step"),
+        ("checkpoint", "resume"),
+    ):
+        data[section].pop(key, None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -93,11 +93,16 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed
     else:
         model = GPT2LMHeadModel._from_config(gpt2_config(cfg, vocab_size, seq_len), attn_implementation=attn)
     model.config.use_cache = False
-    model.loss_type = "ForCausalLM"  # transformers cannot infer it from the class name GPT2LMHeadModel
+    set_causal_lm_loss(model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
     return model
+
+
+def set_causal_lm_loss(model: torch.nn.Module) -> None:
+    """transformers cannot infer the loss from the class name GPT2LMHeadModel and warns; name it."""
+    model.loss_type = "ForCausalLM"
 
 
 def model_facts(model: GPT2LMHeadModel, seq_len: int) -> ModelFacts:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from launcher.local import launch_local
 from trainer.errors import UserError
-from trainer.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
 
 # Measured on a 2-core machine: one tiny-preset step (16 x 256 tokens) with 2 processes.
 SECONDS_PER_STEP = 0.6
@@ -32,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes} must be positive")
+    from trainer.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
+
     out = Path(args.out)
     data_dir, run_dir = out / "data", out / "run"
     if (data_dir / "prepare.json").is_file():

@@ -6,7 +6,6 @@ import argparse
 
 from launcher.local import launch_local
 from trainer.config import batch_plan, load_config
-from trainer.data import read_dataset_info
 from trainer.errors import UserError
 
 
@@ -21,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
+    from trainer.data import read_dataset_info  # torch and streaming: imported only when training
+
     # Everything checkable is checked here, once, before any process starts.
     config = load_config(args.config, args.overrides)
     info = read_dataset_info(config.data.path, config.data.remote)

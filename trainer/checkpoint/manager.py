@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
 LATEST = "latest"
-# Test hook: seconds to sleep after the shards are written and before the manifest (kill -9 tests).
+# Test hook, "STEP:SECONDS": sleep after step STEP's shards are written, before its manifest (kill -9 tests).
 SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
 
 
@@ -244,8 +244,7 @@ class CheckpointManager:
         if future is not None:
             future.result()
         _barrier(group)
-        if sleep_s := float(os.environ.get(SLEEP_IN_SAVE_ENV, "0")):
-            time.sleep(sleep_s)
+        _test_sleep(step)
         names = list_files(step_dir)
         mine = describe_files(step_dir, names[self.env.rank :: self.env.world_size])
         gathered: list[Any] = [None] * self.env.world_size
@@ -287,6 +286,14 @@ class CheckpointManager:
         if self._async_group is None and dist.is_initialized():
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
+
+
+def _test_sleep(step: int) -> None:
+    hook = os.environ.get(SLEEP_IN_SAVE_ENV)
+    if hook:
+        hook_step, seconds = hook.split(":")
+        if int(hook_step) == step:
+            time.sleep(float(seconds))
 
 
 def _barrier(group: Any = None) -> None:

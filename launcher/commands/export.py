@@ -1,0 +1,23 @@
+"""`llm-train export RUN_DIR|CKPT_DIR --out DIR`: a Hugging Face model folder from either backend."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
+    parser.add_argument("checkpoint", help="RUN_DIR (newest valid checkpoint) or a checkpoint step folder")
+    parser.add_argument(
+        "--out", required=True, help="new folder: config.json, model.safetensors, tokenizer files"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.hf_export import export
+
+    out = export(args.checkpoint, Path(args.out))
+    print(out)
+    return 0

@@ -1,0 +1,298 @@
+"""Checkpoints end to end on CPU with gloo: exact resume, kill -9, damage, world-size change, export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from trainer_runs import BASE_OVERRIDES, read_metrics, train
+
+from launcher.cli import main as cli_main
+from trainer.checkpoint import newest_valid_step
+from trainer.checkpoint.manager import LATEST, SLEEP_IN_SAVE_ENV, step_dir_name
+from trainer.hf_export import full_state_dict
+
+STEPS = ["train.max_steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=4"]
+BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+BACKENDS = ("fsdp", "deepspeed")
+
+
+def overrides(backend: str, *extra: str) -> list[str]:
+    return [f"parallel.backend={backend}", *STEPS, *BATCH, *extra]
+
+
+def by_step(records: list[dict]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def resume_step(records: list[dict]) -> int:
+    return next(r["step"] for r in records if r.get("event") == "resume")
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / step_dir_name(step)
+
+
+@pytest.fixture(scope="module")
+def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
+    """12 uninterrupted steps per backend, world size 2, a checkpoint every 3 steps."""
+    runs = {}
+    for backend in BACKENDS:
+        runs[backend] = tmp_path_factory.mktemp(f"straight-{backend}")
+        train(runs[backend], demo_dataset.path, nproc=2, overrides=overrides(backend))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def stopped_at_6(demo_dataset, tmp_path_factory) -> dict[tuple[str, int], Path]:
+    """Per backend and world size: a run that stopped after step 6 (with its checkpoint)."""
+    runs = {}
+    for backend in BACKENDS:
+        for nproc in (1, 2):
+            run_dir = tmp_path_factory.mktemp(f"stop6-{backend}-{nproc}")
+            train(
+                run_dir, demo_dataset.path, nproc=nproc, overrides=overrides(backend, "train.stop_at_step=6")
+            )
+            runs[backend, nproc] = run_dir
+    return runs
+
+
+def resume_copy(source: Path, target: Path, data: Path, backend: str, nproc: int) -> list[dict]:
+    shutil.copytree(source, target)
+    return train(target, data, nproc=nproc, overrides=overrides(backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(
+    backend, straight, stopped_at_6, demo_dataset, tmp_path
+):
+    records = resume_copy(stopped_at_6[backend, 2], tmp_path / "run", demo_dataset.path, backend, nproc=2)
+    assert resume_step(records) == 6
+    expected, got = by_step(read_metrics(straight[backend])), by_step(records)
+    assert [got[s] for s in range(7, 13)] == [expected[s] for s in range(7, 13)]
+    final_resumed = full_state_dict(ckpt(tmp_path / "run", 12))
+    final_straight = full_state_dict(ckpt(straight[backend], 12))
+    assert final_resumed.keys() == final_straight.keys()
+    for name, tensor in final_straight.items():
+        assert torch.equal(final_resumed[name], tensor), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(
+    backend, saved_on, resumed_on, straight, stopped_at_6, demo_dataset, tmp_path
+):
+    """Global batch unchanged; the loss continues the straight run's (the same samples in the same steps)."""
+    records = resume_copy(
+        stopped_at_6[backend, saved_on], tmp_path / "run", demo_dataset.path, backend, resumed_on
+    )
+    assert resume_step(records) == 6
+    resumed = next(r for r in records if r.get("event") == "resume")
+    assert resumed["from_world_size"] == saved_on
+    assert [r for r in records if r.get("event") == "start"][-1]["world_size"] == resumed_on
+    expected, got = by_step(read_metrics(straight[backend])), by_step(records)
+    for step in range(7, 13):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_async_save_gives_the_same_checkpoints_and_losses(straight, demo_dataset, tmp_path):
+    records = train(
+        tmp_path, demo_dataset.path, nproc=2, overrides=overrides("fsdp", "checkpoint.async=true")
+    )
+    assert by_step(records) == by_step(read_metrics(straight["fsdp"]))
+    for step in (3, 6, 9, 12):
+        assert (ckpt(tmp_path, step) / "manifest.json").is_file()
+    assert (tmp_path / "checkpoints" / LATEST).read_text().strip() == step_dir_name(12)
+
+
+def _start_training(run_dir: Path, data: Path, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
+    args = [f"run.dir={run_dir}", f"data.path={data}", *BASE_OVERRIDES, *extra]
+    command = [sys.executable, "-m", "launcher.cli", "train", "tiny", *args, "--nproc", "2"]
+    return subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("backend", "extra"),
+    [("fsdp", ["checkpoint.async=true"]), ("deepspeed", [])],
+    ids=["fsdp-async", "deepspeed"],
+)
+def test_kill_9_in_the_middle_of_a_save(backend, extra, straight, demo_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_training(
+        run_dir, demo_dataset.path, overrides(backend, *extra), {SLEEP_IN_SAVE_ENV: "6:60"}
+    )
+    try:
+        # Step 6's shards are on disk, its manifest is not: the save is under way.
+        _wait_for(lambda: (ckpt(run_dir, 6) / "rng" / "rank00001.pt").is_file() or proc.poll() is not None)
+        time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        _kill_group(proc)
+    assert not (ckpt(run_dir, 6) / "manifest.json").exists()
+    assert newest_valid_step(run_dir / "checkpoints").step == 3
+    records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides(backend, *extra))
+    assert resume_step(records) == 3
+    expected = by_step(read_metrics(straight[backend]))
+    after = [
+        r
+        for r in records[records.index(next(r for r in records if r.get("event") == "resume")) :]
+        if "loss" in r
+    ]
+    assert [(r["step"], r["loss"]) for r in after] == [(s, expected[s]) for s in range(4, 13)]
+
+
+def test_kill_9_at_a_random_moment(straight, demo_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start_training(run_dir, demo_dataset.path, overrides("fsdp"), {})
+    try:
+        _wait_for(lambda: (run_dir / "metrics.jsonl").is_file() or proc.poll() is not None)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 4.0))
+    finally:
+        _kill_group(proc)
+    newest = newest_valid_step(run_dir / "checkpoints")
+    records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides("fsdp"))
+    start = resume_step(records) if newest else 0
+    assert start == (newest.step if newest else 0)
+    expected = by_step(read_metrics(straight["fsdp"]))
+    got = by_step(records[max(i for i, r in enumerate(records) if r.get("event") == "start") :])
+    assert got == {s: expected[s] for s in range(start + 1, 13)}
+
+
+def _truncate(step_dir: Path) -> str:
+    shard = max((p for p in step_dir.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return "bytes"
+
+
+def _flip_byte(step_dir: Path) -> str:
+    shard = max((p for p in step_dir.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return "checksum"
+
+
+def _drop_manifest(step_dir: Path) -> str:
+    (step_dir / "manifest.json").unlink()
+    return "no manifest.json"
+
+
+@pytest.mark.parametrize(
+    "damage", [_truncate, _flip_byte, _drop_manifest], ids=["truncated", "flipped-byte", "no-manifest"]
+)
+def test_damaged_newest_step_falls_back_to_the_previous_one(damage, straight, demo_dataset, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight["fsdp"], run_dir)
+    reason = damage(ckpt(run_dir, 12))
+    with caplog.at_level(logging.WARNING):
+        assert newest_valid_step(run_dir / "checkpoints").step == 9
+    assert any(step_dir_name(12) in r.message and reason in r.message for r in caplog.records), caplog.text
+    # Training resumes from step 9, never from the damaged 12, and recomputes 10-12 exactly.
+    records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides("fsdp"))
+    resumed = records[max(i for i, r in enumerate(records) if r.get("event") == "start") :]
+    assert resume_step(resumed) == 9
+    expected = by_step(read_metrics(straight["fsdp"]))
+    assert by_step(resumed) == {s: expected[s] for s in (10, 11, 12)}
+
+
+@pytest.mark.parametrize("latest_text", ["", "step_00000099\n"], ids=["empty", "dangling"])
+def test_bad_latest_file_is_ignored_with_a_warning(latest_text, straight, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight["fsdp"], run_dir)
+    (run_dir / "checkpoints" / LATEST).write_text(latest_text)
+    with caplog.at_level(logging.WARNING):
+        assert newest_valid_step(run_dir / "checkpoints").step == 12
+    assert "latest" in caplog.text
+
+
+def test_retention_keeps_exactly_keep_last_complete_steps(demo_dataset, tmp_path):
+    (tmp_path / "checkpoints" / step_dir_name(1)).mkdir(parents=True)  # an old incomplete attempt
+    train(tmp_path, demo_dataset.path, nproc=1, overrides=["train.max_steps=8", "checkpoint.every_steps=2",
+                                                          "checkpoint.keep_last=2", *BATCH])  # fmt: skip
+    remaining = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert remaining == [step_dir_name(6), step_dir_name(8)]
+    assert all((tmp_path / "checkpoints" / name / "manifest.json").is_file() for name in remaining)
+
+
+def test_resume_with_another_backend_is_refused(straight, demo_dataset, tmp_path, capsys):
+    shutil.copytree(straight["fsdp"], tmp_path / "run")
+    args = [
+        f"run.dir={tmp_path / 'run'}",
+        f"data.path={demo_dataset.path}",
+        *BASE_OVERRIDES,
+        *overrides("deepspeed"),
+    ]
+    assert cli_main(["train", "tiny", *args, "--nproc", "2"]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_export_round_trip_through_transformers(backend, straight, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import load_config
+    from trainer.model import build_model
+
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(straight[backend]), "--out", str(out)]) == 0
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    # The trainer's own model, built as training builds it, holding the checkpoint's tensors.
+    state = full_state_dict(ckpt(straight[backend], 12))
+    config = load_config(ckpt(straight[backend], 12) / "config.yaml")
+    vocab, seq_len = state["transformer.wpe.weight"].shape[0], state["transformer.wpe.weight"].shape[0]
+    trainer_model = build_model(
+        config.model, state["transformer.wte.weight"].shape[0], seq_len, "sdpa", seed=0
+    )
+    trainer_model.load_state_dict(state, strict=False)
+    trainer_model.eval()
+    input_ids = tokenizer("def parse(text):\n    return text", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected, got = trainer_model(input_ids).logits, hf_model(input_ids).logits
+    assert vocab == seq_len and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eval_prints_step_loss_and_perplexity_as_json(straight, capsys):
+    assert cli_main(["eval", str(straight["fsdp"]), "--batches", "4"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["step"] == 12
+    assert result["val_ppl"] == pytest.approx(2.718281828459045 ** result["val_loss"], rel=1e-9)
+
+
+def test_generate_is_deterministic_with_a_seed(straight, tmp_path, capsys):
+    args = ["generate", str(straight["fsdp"]), "--prompt", "import os\n", "--max-new-tokens", "16"]
+    texts = []
+    for seed in ("1", "1", "2"):
+        assert cli_main([*args, "--seed", seed]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("import os")
+    assert texts[0] != texts[2]
+
+
+def test_eval_of_a_folder_without_checkpoints_exits_2(tmp_path, capsys):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    assert cli_main(["eval", str(tmp_path / "run")]) == 2
+    assert "has no complete checkpoint" in capsys.readouterr().err

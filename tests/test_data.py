@@ -1,0 +1,325 @@
+"""The training data loader: values, determinism, exact resume, ranks, elastic order, remote cache."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from mds_fixtures import sample_ids, sample_tokens, write_dataset
+from streaming import MDSWriter
+from streaming.base.partition import get_partitions
+
+from trainer.config import DataConfig
+from trainer.data import TokenBatches, _read_info, build_loader, node_cache_dir, read_dataset_info
+from trainer.errors import UserError
+
+SEED = 17
+
+
+def take(loader: TokenBatches, count: int) -> list[list[int]]:
+    """Sample ids of the next `count` batches of a fresh endless iteration."""
+    return [sample_ids(batch["input_ids"]) for batch in itertools.islice(loader, count)]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return write_dataset(tmp_path / "data", train_samples=64, val_samples=24)
+
+
+# --- read_dataset_info -------------------------------------------------------------------------
+
+
+def test_read_dataset_info_reports_prepare_json_and_sample_counts(dataset: Path) -> None:
+    (dataset / "tokenizer").mkdir()
+    info = read_dataset_info(dataset)
+    assert (info.seq_len, info.vocab_size, info.eos_id) == (16, 512, 511)
+    assert (info.train_samples, info.val_samples) == (64, 24)
+    assert info.tokenizer_dir == dataset / "tokenizer"
+
+
+def test_dataset_without_prepare_json_takes_seq_len_from_first_sample(tmp_path: Path) -> None:
+    root = write_dataset(
+        tmp_path / "foreign", train_samples=20, val_samples=0, seq_len=12, prepare_json=False
+    )
+    info = read_dataset_info(root)
+    assert (info.seq_len, info.vocab_size, info.eos_id) == (12, None, None)
+    assert (info.train_samples, info.val_samples) == (20, 0)
+
+
+@pytest.mark.parametrize("prepare_json", [True, False])
+def test_dataset_info_downloaded_from_a_remote_matches_the_folder(tmp_path: Path, prepare_json: bool) -> None:
+    """A URL remote needs a network; streaming's downloader runs the same path on a plain folder."""
+    root = write_dataset(tmp_path / "data", train_samples=40, val_samples=8, prepare_json=prepare_json)
+    downloaded = _read_info(str(root), "data.remote", tmp_path / "scratch")
+    assert downloaded == read_dataset_info(root)
+    assert (tmp_path / "scratch" / "train" / "index.json").is_file()
+
+
+def test_missing_folder_is_a_user_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(UserError) as error:
+        read_dataset_info(missing)
+    message = str(error.value)
+    assert str(missing) in message and "llm-train prepare" in message and "\n" not in message
+
+
+def test_folder_that_is_not_a_prepared_dataset_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "plain" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"plain.*not a prepared dataset.*llm-train prepare"):
+        read_dataset_info(tmp_path / "plain")
+
+
+def test_dataset_without_tokens_column_is_a_user_error(tmp_path: Path) -> None:
+    with MDSWriter(out=str(tmp_path / "text" / "train"), columns={"text": "str"}) as writer:
+        writer.write({"text": "hello"})
+    with pytest.raises(UserError, match="no integer 'tokens' column"):
+        read_dataset_info(tmp_path / "text")
+
+
+# --- batches -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["ndarray:uint16", "ndarray:uint32", "bytes"])
+def test_batches_are_long_tensors_holding_the_stored_tokens(tmp_path: Path, encoding: str) -> None:
+    root = write_dataset(
+        tmp_path / "data", train_samples=32, val_samples=0, encoding=encoding, prepare_json=False
+    )
+    loader = build_loader(DataConfig(path=str(root), num_workers=0), "train", 4, SEED)
+    seen = []
+    for batch in itertools.islice(loader, loader.batches_per_epoch):
+        input_ids = batch["input_ids"]
+        assert input_ids.dtype == torch.long and input_ids.shape == (4, 16)
+        for row in input_ids:
+            index = int(row[0])
+            assert row.tolist() == sample_tokens(index, 16, 512).tolist()
+            seen.append(index)
+    assert sorted(seen) == list(range(32))
+
+
+def test_same_seed_gives_same_order_and_another_seed_another(dataset: Path) -> None:
+    data = DataConfig(path=str(dataset))
+    first = take(build_loader(data, "train", 4, SEED), 20)
+    again = take(build_loader(data, "train", 4, SEED), 20)
+    other = take(build_loader(data, "train", 4, SEED + 1), 20)
+    assert first == again
+    assert first != other
+    assert first[16:] != first[:4]  # each epoch is shuffled anew
+    assert sorted(sum(first[:16], [])) == sorted(sum(other[:16], [])) == list(range(64))
+
+
+def test_val_iter_batches_is_bounded_unshuffled_and_the_same_every_call(dataset: Path) -> None:
+    loader = build_loader(DataConfig(path=str(dataset), num_workers=2), "val", 4, SEED)
+    first = [sample_ids(batch["input_ids"]) for batch in loader.iter_batches(3)]
+    again = [sample_ids(batch["input_ids"]) for batch in loader.iter_batches(3)]
+    whole = [sample_ids(batch["input_ids"]) for batch in loader.iter_batches()]
+    assert first == again == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert sum(whole, []) == list(range(24))
+
+
+def test_dataset_smaller_than_a_global_batch_is_a_user_error(dataset: Path) -> None:
+    loader = build_loader(DataConfig(path=str(dataset)), "train", 4, SEED, global_batch_size=128)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        next(iter(loader))
+
+
+# --- exact resume ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("stop", [5, 16, 21], ids=["mid-epoch", "epoch-end", "next-epoch"])
+def test_resume_yields_exactly_the_remaining_samples(dataset: Path, num_workers: int, stop: int) -> None:
+    data = DataConfig(path=str(dataset), num_workers=num_workers)
+    uninterrupted = take(build_loader(data, "train", 4, SEED), 40)  # 16 batches per epoch
+
+    first = build_loader(data, "train", 4, SEED)
+    batches = iter(first)
+    before = [sample_ids(next(batches)["input_ids"]) for _ in range(stop)]
+    state = first.state_dict()
+    assert state["epoch"] == stop // 16 and state["sample_in_epoch"] == stop % 16 * 4
+
+    second = build_loader(data, "train", 4, SEED)
+    second.load_state_dict(json.loads(json.dumps(state)))  # it travels through a checkpoint file
+    after = take(second, 40 - stop)
+    assert before + after == uninterrupted
+
+
+# --- ranks -------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, tasks: list[dict[str, Any]], out: str) -> None:
+    """One rank of a local job: run each task's loader and write what it yielded."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results = []
+        for task in tasks:
+            loader = build_loader(
+                DataConfig(path=task["path"]), "train", task["micro"], SEED, global_batch_size=4
+            )
+            if task["resume"]:
+                loader.load_state_dict(task["resume"])
+            batches = iter(loader)
+            ids = [sample_ids(next(batches)["input_ids"]) for _ in range(3)]
+            state = loader.state_dict()
+            ids += [sample_ids(next(batches)["input_ids"]) for _ in range(task["steps"] - 3)]
+            results.append({"ids": ids, "state": state})
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, tasks: list[dict[str, Any]], out: Path) -> list[list[dict[str, Any]]]:
+    """Run `tasks` on `world_size` real processes; per rank, per task: {"ids", "state"}."""
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    ranks = [
+        context.Process(target=_rank_main, args=(r, world_size, port, tasks, str(out)))
+        for r in range(world_size)
+    ]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=120)
+    for process in ranks:
+        if process.is_alive():
+            process.kill()
+    assert [process.exitcode for process in ranks] == [0] * world_size
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One 2-rank job (micro batch 2, global batch 4) and the 1-rank reference (micro batch 4).
+
+    `even` has 64 samples (16 global batches an epoch); `ragged` has 71, so that each epoch ends
+    in a partial global batch, which the loader must drop the same way on every layout.
+    """
+    root = tmp_path_factory.mktemp("ranks")
+    even = write_dataset(root / "even", train_samples=64, val_samples=0)
+    ragged = write_dataset(root / "ragged", train_samples=71, val_samples=0)
+    single = build_loader(DataConfig(path=str(ragged)), "train", 4, SEED, global_batch_size=4)
+    batches = iter(single)
+    reference = [sample_ids(next(batches)["input_ids"]) for _ in range(20)]
+    resume_state = single.state_dict()  # epoch 1, 3 batches in (17 complete global batches an epoch)
+    reference += [sample_ids(next(batches)["input_ids"]) for _ in range(20)]
+    tasks = [
+        {"path": str(even), "micro": 2, "steps": 20, "resume": None},
+        {"path": str(ragged), "micro": 2, "steps": 40, "resume": None},
+        {"path": str(ragged), "micro": 2, "steps": 20, "resume": resume_state},
+    ]
+    ranks = run_ranks(2, tasks, root)
+    return {"ranks": ranks, "reference": reference, "resume_state": resume_state}
+
+
+def _global_batches(ranks: list[list[dict[str, Any]]], task: int) -> list[list[int]]:
+    """Per step, the samples of all ranks together, sorted."""
+    per_rank = [rank[task]["ids"] for rank in ranks]
+    return [sorted(sum(step, [])) for step in zip(*per_rank, strict=True)]
+
+
+def test_two_ranks_together_see_every_sample_of_an_epoch_exactly_once(two_ranks: dict[str, Any]) -> None:
+    epoch = _global_batches(two_ranks["ranks"], 0)[:16]
+    assert all(len(step) == 4 for step in epoch)
+    assert sorted(sum(epoch, [])) == list(range(64))
+    first_rank = set(sum(two_ranks["ranks"][0][0]["ids"][:16], []))
+    assert len(first_rank) == 32  # each rank a half, no overlap
+
+
+def test_state_dict_is_the_same_on_every_rank(two_ranks: dict[str, Any]) -> None:
+    states = [rank[0]["state"] for rank in two_ranks["ranks"]]
+    assert states[0] == states[1]
+    assert states[0]["epoch"] == 0 and states[0]["sample_in_epoch"] == 3 * 2 * 2
+
+
+def test_elastic_order_one_rank_micro_4_equals_two_ranks_micro_2(two_ranks: dict[str, Any]) -> None:
+    single = [sorted(batch) for batch in two_ranks["reference"]]
+    assert _global_batches(two_ranks["ranks"], 1) == single  # 2 epochs and more, partial batches dropped
+
+
+def test_resume_on_another_world_size_keeps_the_global_order(two_ranks: dict[str, Any]) -> None:
+    assert two_ranks["resume_state"]["epoch"] == 1
+    single = [sorted(batch) for batch in two_ranks["reference"][20:]]
+    assert _global_batches(two_ranks["ranks"], 2) == single
+
+
+@pytest.mark.parametrize("canonical", [1, 2, 4])
+def test_streaming_layouts_with_pinned_canonical_nodes_share_each_global_batch(canonical: int) -> None:
+    """Layouts this machine cannot run (several nodes) through streaming's own partitioner."""
+
+    def global_batches(nodes: int, ranks_per_node: int, micro: int) -> list[list[int]]:
+        ids = get_partitions("relaxed", 64, canonical, nodes, ranks_per_node, 1, micro)
+        per_device = ids.reshape(nodes * ranks_per_node, -1, micro)  # (device, batch, sample)
+        return [sorted(per_device[:, step].flatten().tolist()) for step in range(per_device.shape[1])]
+
+    reference = global_batches(1, 1, 8)
+    for nodes, ranks_per_node, micro in [(1, 2, 4), (2, 1, 4), (2, 2, 2), (4, 2, 1)]:
+        if canonical % nodes and nodes % canonical:
+            continue  # streaming refuses such a layout; build_loader says so as a UserError
+        assert global_batches(nodes, ranks_per_node, micro) == reference
+
+
+# --- remote, damaged data ----------------------------------------------------------------------
+
+
+def test_remote_is_streamed_into_a_per_node_cache(dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    data = DataConfig(path=str(cache), remote=str(dataset))
+    loader = build_loader(data, "train", 4, SEED)
+    seen = sorted(sum(take(loader, loader.batches_per_epoch), []))
+    assert seen == list(range(64))
+    shards = sorted(path.name for path in (dataset / "train").iterdir())
+    assert sorted(path.name for path in (cache / "node-0" / "train").iterdir()) == shards
+
+
+def test_node_cache_folder_is_rank_over_local_world_size(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert node_cache_dir(tmp_path) == tmp_path / "node-2"
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert node_cache_dir(tmp_path) == tmp_path / "node-0"
+
+
+def test_missing_shard_is_a_user_error_naming_it(dataset: Path) -> None:
+    (dataset / "train" / "shard.00001.mds").unlink()
+    with pytest.raises(UserError, match=r"shard\.00001\.mds.* is missing"):
+        build_loader(DataConfig(path=str(dataset)), "train", 4, SEED)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_remote_shard_is_a_user_error_naming_it(
+    dataset: Path, tmp_path: Path, num_workers: int
+) -> None:
+    shard = dataset / "train" / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    loader = build_loader(
+        DataConfig(path=str(tmp_path / "cache"), remote=str(dataset), num_workers=num_workers),
+        "train",
+        4,
+        SEED,
+    )
+    with pytest.raises(UserError, match=r"Checksum failure: .*shard\.00001\.mds"):
+        take(loader, loader.batches_per_epoch)
+    assert not (tmp_path / "cache" / "node-0" / "train" / "shard.00001.mds").exists()  # not kept as if good

@@ -1,0 +1,139 @@
+"""From a checkpoint of either backend to a Hugging Face model, in one process, any original world size."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from trainer.checkpoint import newest_valid_step, verify_step
+from trainer.config import Config, load_config
+from trainer.errors import UserError
+from trainer.model import gpt2_config, set_causal_lm_loss
+
+log = logging.getLogger(__name__)
+
+TRAINING_INFO = "llm_training.json"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: GPT2LMHeadModel
+    tokenizer_dir: Path | None
+    step: int | None
+    data_path: str | None
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "manifest.json").exists()
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A RUN_DIR means its newest valid checkpoint; a step folder must verify."""
+    if (path / "checkpoints").is_dir():
+        point = newest_valid_step(path / "checkpoints")
+        if point is None:
+            raise UserError(
+                f"run folder '{path}' has no complete checkpoint; train it first or name a step folder"
+            )
+        return point.step_dir
+    manifest, problem = verify_step(path)
+    if manifest is None:
+        raise UserError(
+            f"'{path}' is not a complete checkpoint ({problem}); give a RUN_DIR, a step folder or an HF folder"
+        )
+    return path
+
+
+def full_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model state, gathered from the shards without a process group."""
+    backend = json.loads((step_dir / "manifest.json").read_text())["backend"]
+    if backend == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "full.pt"
+        dcp_to_torch_save(step_dir / "model", target)
+        return torch.load(target, weights_only=False)["model"]
+
+
+def model_from_checkpoint(step_dir: Path) -> LoadedModel:
+    config: Config = load_config(step_dir / "config.yaml")
+    state = full_state_dict(step_dir)
+    vocab_size, n_embd = state["transformer.wte.weight"].shape
+    seq_len = state["transformer.wpe.weight"].shape[0]
+    hf_config = gpt2_config(config.model, vocab_size, seq_len)
+    model = GPT2LMHeadModel(hf_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(
+            f"checkpoint {step_dir} does not fit GPT-2: missing {missing}, unexpected {unexpected}"
+        )
+    model.tie_weights()
+    set_causal_lm_loss(model)
+    tokenizer_dir = Path(config.data.path) / "tokenizer"
+    step = json.loads((step_dir / "manifest.json").read_text())["step"]
+    return LoadedModel(
+        model.eval(), tokenizer_dir if tokenizer_dir.is_dir() else None, step, config.data.path
+    )
+
+
+def load_any(path: str | Path) -> LoadedModel:
+    """A RUN_DIR, a checkpoint step folder, or an exported HF folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(
+            f"'{path}' does not exist; give a RUN_DIR, a checkpoint step folder or an exported HF folder"
+        )
+    if is_hf_folder(path):
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        set_causal_lm_loss(model)
+        info_file = path / TRAINING_INFO
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        return LoadedModel(
+            model,
+            path if (path / "tokenizer_config.json").is_file() else None,
+            info.get("step"),
+            info.get("data_path"),
+        )
+    return model_from_checkpoint(resolve_step_dir(path))
+
+
+def load_tokenizer(loaded: LoadedModel) -> PreTrainedTokenizerBase:
+    if loaded.tokenizer_dir is None:
+        raise UserError(
+            "no tokenizer found next to this model (the run's data.path/tokenizer is gone); export from the run"
+        )
+    return AutoTokenizer.from_pretrained(loaded.tokenizer_dir)
+
+
+def export(path: str | Path, out: Path) -> Path:
+    """Write config.json, model.safetensors and the tokenizer into `out`, atomically."""
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out '{out}' already exists and is not empty; choose a new folder")
+    loaded = load_any(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        if loaded.tokenizer_dir is not None:
+            AutoTokenizer.from_pretrained(loaded.tokenizer_dir).save_pretrained(tmp)
+        else:
+            log.warning("no tokenizer found for %s: the export holds the model only", path)
+        (tmp / TRAINING_INFO).write_text(json.dumps({"step": loaded.step, "data_path": loaded.data_path}))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
