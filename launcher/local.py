@@ -1,7 +1,8 @@
 """Start N training processes on this machine with torchrun's environment variables.
 
 If one rank fails, the others are stopped, and the launcher returns the first failing exit code
-(2 stays 2, so a user error is still a user error).
+(2 stays 2, so a user error is still a user error). SIGTERM and SIGUSR2 are passed on to every rank,
+which then stop after the current step with a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0) -> 
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer.main", *trainer_args], env=env))
+
+    def forward(signum: int, frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
     try:
         return _wait(procs, grace_s)
     except KeyboardInterrupt:
@@ -42,6 +50,9 @@ def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0) -> 
             proc.send_signal(signal.SIGINT)
         _wait(procs, grace_s)
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:

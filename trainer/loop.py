@@ -18,6 +18,7 @@ from trainer.distributed import all_reduce_mean
 from trainer.metrics import MetricsLogger, mfu
 from trainer.model import ModelFacts
 from trainer.parallel import Backend
+from trainer.preemption import Preempted, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class LoopContext:
     peak_tflops: float | None
     is_main: bool
     checkpoints: CheckpointManager
+    stop_signals: StopSignals
 
 
 def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -109,9 +111,14 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
             progress.update(1)
         if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps):
             ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
-        if ctx.checkpoints.due(step) or step == last_step:
-            ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=step == last_step)
+        stop_signal = ctx.stop_signals.agreed()
+        if ctx.checkpoints.due(step) or step == last_step or stop_signal:
+            blocking = step == last_step or stop_signal is not None
+            ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=blocking)
             ctx.metrics.event("checkpoint", step)
+        if stop_signal and step < last_step:
+            ctx.metrics.event("preempted", step, signal=stop_signal)
+            raise Preempted(step, stop_signal)
     ctx.checkpoints.wait()
     if progress is not None:
         progress.close()

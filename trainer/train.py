@@ -18,6 +18,7 @@ from trainer.loop import LoopContext, TrainState, evaluate, train_loop
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model import build_model, choose_attention, model_facts
 from trainer.parallel import build_backend
+from trainer.preemption import Preempted, StopSignals, requeue
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
     resume_point = checkpoints.find_resume()
     metrics = MetricsLogger(config, run_dir, enabled=env.is_main)
     peak = peak_tflops(config.train.peak_tflops, env.device)
-    ctx = LoopContext(config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints)
+    stop_signals = StopSignals()
+    ctx = LoopContext(
+        config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints, stop_signals
+    )
     state = TrainState()
     try:
         metrics.event(
@@ -88,6 +92,13 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
         train_loop(ctx, state, train_loader, val_loader)
         if state.step >= config.train.max_steps:
             metrics.event("done", state.step, tokens=state.tokens)
+    except Preempted as stop:
+        if env.is_main:
+            requeued, why = requeue(run_dir, config.slurm.max_requeues, stop.step, stop.signal_name)
+            log.warning("%s; %s", stop, why)
+            if requeued:
+                metrics.event("requeued", stop.step, reason=why)
     finally:
+        stop_signals.restore()
         metrics.close()
     return state
