@@ -6,8 +6,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +33,6 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
-    losses: list[float] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "tokens": self.tokens}
@@ -64,43 +63,44 @@ def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
-def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any) -> TrainState:
-    cfg, plan, backend = ctx.config, ctx.plan, ctx.backend
+def train_step(ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float]:
+    """One optimizer step over `grad_accum` micro batches; returns (loss averaged over ranks, grad norm)."""
+    loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for micro in range(ctx.plan.grad_accum):
+        input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
+        loss += ctx.backend.forward_backward(
+            input_ids, last_micro_batch=micro == ctx.plan.grad_accum - 1
+        ).double()
+    grad_norm = ctx.backend.step()
+    return all_reduce_mean(loss / ctx.plan.grad_accum), grad_norm
+
+
+def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any | None) -> TrainState:
+    cfg, backend = ctx.config, ctx.backend
     batches = iter(train_loader)
     progress = _progress_bar(ctx, state.step)
+    tokens_per_step = ctx.plan.global_batch_size * ctx.facts.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     for step in range(state.step + 1, last_step + 1):
-        step_start = time.perf_counter()
-        lr = backend.lr
-        loss = torch.zeros((), dtype=torch.float64)
-        for micro in range(plan.grad_accum):
-            input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
-            loss += (
-                backend.forward_backward(input_ids, last_micro_batch=micro == plan.grad_accum - 1)
-                .double()
-                .cpu()
-            )
-        grad_norm = backend.step()
-        loss_value = all_reduce_mean(loss / plan.grad_accum)
-        if not math.isfinite(loss_value):
+        step_start, lr = time.perf_counter(), backend.lr
+        loss, grad_norm = train_step(ctx, batches)
+        if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss ({loss_value}) at step {step}; lower train.lr or check the data"
+                f"non-finite loss ({loss}) at step {step}; lower train.lr or check the data"
             )
-        state.step, state.tokens = step, state.tokens + plan.global_batch_size * ctx.facts.seq_len
-        state.losses.append(loss_value)
-        window_tokens += plan.global_batch_size * ctx.facts.seq_len
+        state.step, state.tokens = step, state.tokens + tokens_per_step
+        window_tokens += tokens_per_step
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - window_start
-            tokens_per_s = window_tokens / elapsed
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record = {
                 "step": step,
-                "loss": loss_value,
+                "loss": loss,
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "tokens": state.tokens,
                 "tokens_per_s": round(tokens_per_s, 1),
-                "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), plan.world_size, ctx.peak_tflops),
+                "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), ctx.plan.world_size, ctx.peak_tflops),
                 "step_time_s": round(time.perf_counter() - step_start, 4),
                 "mem_gb": _memory_gb(ctx.device),
             }
@@ -109,7 +109,11 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
             window_start, window_tokens = time.perf_counter(), 0
         elif progress is not None:
             progress.update(1)
-        if cfg.eval.every_steps and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps):
+        if (
+            val_loader is not None
+            and cfg.eval.every_steps
+            and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps)
+        ):
             ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
         stop_signal = ctx.stop_signals.agreed()
         if ctx.checkpoints.due(step) or step == last_step or stop_signal:

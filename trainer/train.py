@@ -65,7 +65,11 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
     backend = build_backend(config, model, plan, env)
     loader_args = {"global_batch_size": plan.global_batch_size, "info": info}
     train_loader = build_loader(config.data, "train", plan.micro_batch_size, config.run.seed, **loader_args)
-    val_loader = build_loader(config.data, "val", plan.micro_batch_size, config.run.seed, **loader_args)
+    val_loader = None
+    if config.eval.every_steps and info.val_samples == 0:
+        log.warning("the dataset has no val split: no evaluation")
+    elif config.eval.every_steps:
+        val_loader = build_loader(config.data, "val", plan.micro_batch_size, config.run.seed, **loader_args)
     checkpoints = CheckpointManager(config, env)
     resume_point = checkpoints.find_resume()
     metrics = MetricsLogger(config, run_dir, enabled=env.is_main)
@@ -87,7 +91,7 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
                 checkpoint=str(resume_point.step_dir),
                 from_world_size=resume_point.world_size,
             )
-        elif config.eval.every_steps:
+        elif val_loader is not None:
             metrics.write({"step": state.step, **evaluate(ctx, val_loader.iter_batches(config.eval.batches))})
         train_loop(ctx, state, train_loader, val_loader)
         if state.step >= config.train.max_steps:

@@ -1,0 +1,114 @@
+"""GPU throughput: tokens/s, MFU and peak memory in bf16 at seq-len 1024, one GPU, under 8 minutes.
+
+Rows: gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b in the fastest configuration (FSDP2, flash attention
+when importable else SDPA, per-block compile), then one-axis ablations on gpt2-350m (DeepSpeed instead of
+FSDP, eager attention, activation checkpointing on, compile off). Each row: warm-up steps, then a short
+timed window. Synthetic tokens (the data path is measured by bench/prepare.py), the trainer's own model,
+backends, optimizer and MFU formula.
+
+Usage on the GPU machine: python bench/gpu.py [--window 10] [--out gpu_bench.md]
+A missing package (deepspeed on a bare image) skips that row and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from trainer.config import batch_plan, load_config  # noqa: E402
+from trainer.distributed import init_distributed  # noqa: E402
+from trainer.metrics import mfu, peak_tflops  # noqa: E402
+from trainer.model import build_model, choose_attention, model_facts  # noqa: E402
+from trainer.parallel import build_backend  # noqa: E402
+
+SEQ_LEN, VOCAB = 1024, 50257
+# (label, size, micro batch, overrides)
+ROWS = [
+    ("gpt2-124m fastest", "gpt2-124m", 16, []),
+    ("gpt2-350m fastest", "gpt2-350m", 16, []),
+    ("gpt2-774m fastest", "gpt2-774m", 8, []),
+    ("gpt2-1.5b fastest", "gpt2-1.5b", 8, ["model.activation_checkpointing=true"]),
+    ("gpt2-350m deepspeed", "gpt2-350m", 16, ["parallel.backend=deepspeed"]),
+    ("gpt2-350m eager attention", "gpt2-350m", 16, ["model.attn=eager"]),
+    ("gpt2-350m activation ckpt", "gpt2-350m", 16, ["model.activation_checkpointing=true"]),
+    ("gpt2-350m no compile", "gpt2-350m", 16, ["train.compile=false"]),
+]
+
+
+def run_row(env, size: str, micro: int, overrides: list[str], warmup: int, window: int) -> dict:
+    base = [f"model.size={size}", "train.precision=bf16", "train.compile=true", f"train.micro_batch_size={micro}",
+            f"train.global_batch_size={micro}", "run.dir=/tmp/gpu-bench", "data.path=unused"]  # fmt: skip
+    if not any(o.startswith("model.activation_checkpointing") for o in overrides):
+        base.append("model.activation_checkpointing=false")
+    config = load_config("tiny", [*base, *overrides])
+    plan = batch_plan(config.train, 1, SEQ_LEN)
+    attn = choose_attention(config.model.attn, env.device)
+    model = build_model(config.model, VOCAB, SEQ_LEN, attn, seed=0)
+    facts = model_facts(model, SEQ_LEN)
+    backend = build_backend(config, model, plan, env)
+    batch = torch.randint(0, VOCAB, (micro, SEQ_LEN), device=env.device)
+    torch.cuda.reset_peak_memory_stats()
+    for index in range(warmup + window):
+        if index == warmup:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+        backend.forward_backward(batch, last_micro_batch=True)
+        backend.step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    tokens_per_s = window * micro * SEQ_LEN / elapsed
+    peak = peak_tflops(None, env.device)
+    result = {
+        "attn": attn,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s, facts.flops_per_token(), 1, peak),
+        "mem_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "params_m": facts.n_params / 1e6,
+    }
+    del backend, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.md"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA GPU")
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29591")
+    env = init_distributed(600)
+    lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, flash-attn importable: "
+             f"{importlib.util.find_spec('flash_attn') is not None}", "",
+             "| configuration | attention | micro batch | tokens/s | MFU | peak memory GB |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for label, size, micro, overrides in ROWS:
+        if "parallel.backend=deepspeed" in overrides and importlib.util.find_spec("deepspeed") is None:
+            lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | |")
+            continue
+        try:
+            r = run_row(env, size, micro, overrides, args.warmup, args.window)
+            mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            lines.append(f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |")
+        except torch.cuda.OutOfMemoryError:
+            lines.append(f"| {label} | - | {micro} | out of memory | | |")
+            gc.collect()
+            torch.cuda.empty_cache()
+        print(lines[-1], flush=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
