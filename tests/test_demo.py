@@ -18,3 +18,7 @@ def test_demo_trains_and_validation_perplexity_falls(tmp_path, capsys):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == max(r["step"] for r in records)
     assert evals[-1]["val_ppl"] < 0.5 * evals[0]["val_ppl"], evals
     assert any(r.get("event") == "done" for r in records)
+    assert (tmp_path / "model" / "model.safetensors").is_file() and (
+        tmp_path / "model" / "tokenizer.json"
+    ).is_file()
+    assert "sample            def " in out

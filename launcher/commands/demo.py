@@ -1,7 +1,8 @@
 """`llm-train demo`: the embedded default run, end to end on this machine.
 
 Prepares the Python standard library source as a corpus (bpe:4096, seq-len 256), trains the tiny
-preset with 2 local processes, evaluates, and prints a summary.
+preset with 2 local processes, evaluates, exports a Hugging Face folder, generates a sample and
+prints a summary.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from trainer.errors import UserError
 # Measured on a 2-core machine: one tiny-preset step (16 x 256 tokens) with 2 processes.
 SECONDS_PER_STEP = 0.6
 NPROC = 2
+SAMPLE_PROMPT = "def "
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="prepare the demo corpus, train a tiny model, evaluate")
+    parser = subparsers.add_parser(
+        "demo", help="prepare the demo corpus, train a tiny model, evaluate, export, generate"
+    )
     parser.add_argument("--out", default="demo", help="output folder (data/ and run/ inside)")
     parser.add_argument(
         "--minutes", type=float, default=3.0, help="approximate training time on a 2-core CPU"
@@ -34,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
 
     out = Path(args.out)
-    data_dir, run_dir = out / "data", out / "run"
+    data_dir, run_dir, model_dir = out / "data", out / "run", out / "model"
     if (data_dir / "prepare.json").is_file():
         print(f"demo: reusing the prepared corpus in {data_dir}")
     else:
@@ -44,8 +48,9 @@ def run(args: argparse.Namespace) -> int:
             )
         )
         print("demo: prepared the Python standard library corpus: " + json.dumps(stats))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # the demo's own previous run; every demo starts fresh
+    for previous in (run_dir, model_dir):
+        if previous.exists():
+            shutil.rmtree(previous)  # the demo's own previous run; every demo starts fresh
     steps = max(20, int(args.minutes * 60 / SECONDS_PER_STEP))
     overrides = [
         f"run.dir={run_dir}",
@@ -59,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
     code = launch_local(NPROC, ["tiny", *overrides])
     if code != 0:
         return code
+    from launcher.commands.generate import generate_text
+    from trainer.hf_export import export
+
+    export(run_dir, model_dir)
+    sample = generate_text(str(model_dir), SAMPLE_PROMPT, max_new_tokens=48, temperature=0.8, seed=0)
     print(summary(run_dir / "metrics.jsonl"))
+    print(f"  exported model    {model_dir}")
+    print("  sample            " + sample.replace("\n", "\n                    "))
     return 0
 
 
