@@ -64,6 +64,8 @@ class DeepSpeedBackend:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        if env.device.type == "cpu":
+            _skip_shm_comm_build()
         # The model arrives fully initialised on the CPU (not built under zero.Init, whose partitioned
         # parameters would skip the model's own weight init); the engine partitions it here.
         if config.train.compile:
@@ -130,6 +132,17 @@ class DeepSpeedBackend:
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed on plain gloo on CPU.
+
+    Its CPU accelerator otherwise JIT-compiles a shared-memory all-reduce kernel at start-up: minutes of
+    C++ on a fresh machine, behind a file lock that every rank waits on (forever, if a build is killed).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def to_universal(source: Path, target: Path) -> None:
