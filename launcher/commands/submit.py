@@ -1,0 +1,77 @@
+"""`llm-train submit CONFIG [key=value ...] --cluster PROFILE [--nodes N] [--gpus-per-node G]
+[--time HH:MM:SS] [--dry-run]`: queue a run on SLURM through submitit.
+
+The SLURM job id is the last line of stdout, for scripts: `JOB=$(llm-train submit ... | tail -n 1)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from trainer.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "submit", help="submit a run to SLURM (one task per GPU; saves, requeues and resumes on preemption)"
+    )
+    parser.add_argument("config", help="YAML config path or preset name (tiny, gpt2-124m, ...)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value config overrides, e.g. run.dir=/shared/runs/x"
+    )
+    parser.add_argument(
+        "--cluster",
+        required=True,
+        metavar="PROFILE",
+        help="cluster profile: a name in configs/clusters or a path",
+    )
+    parser.add_argument("--nodes", type=int, help="override the profile's node count")
+    parser.add_argument("--gpus-per-node", type=int, help="override the profile's GPUs (= tasks) per node")
+    parser.add_argument("--time", metavar="HH:MM:SS", help="override the profile's time limit per allocation")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="write and print the sbatch script and batch plan; submit nothing",
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher import slurm_job, slurm_query
+    from launcher.profiles import format_time, load_profile, with_overrides
+
+    profile = with_overrides(load_profile(args.cluster), args.nodes, args.gpus_per_node, args.time)
+    sub = slurm_job.prepare(args.config, args.overrides, profile)
+    layout = (
+        f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) "
+        f"({f'{profile.gpus_per_node} GPUs per node' if profile.gpus_per_node else 'CPU, one task per node'})"
+    )
+    if args.dry_run:
+        path, script = slurm_job.dry_run(sub)
+        print(script)
+        print(f"batch plan: {sub.plan.describe()}")
+        print(f"layout: {layout}, partition {profile.partition}, time {format_time(profile.time_s)}")
+        print(f"dry run: sbatch script written to {path}; nothing submitted")
+        return 0
+
+    known = slurm_query.partition_exists(profile.partition)
+    if known is False:
+        listed = ", ".join(slurm_query.partitions()) or "none"
+        raise UserError(
+            f"partition '{profile.partition}' (cluster profile {profile.name}) does not exist on this cluster; "
+            f"sinfo lists: {listed}"
+        )
+    for job in slurm_job.read_jobs(sub.run_dir):
+        info = slurm_query.query_job(job["job_id"])
+        if info.active:
+            raise UserError(
+                f"run.dir '{sub.run_dir}' already has job {info.job_id} ({info.state}); wait for it to end "
+                f"or stop it with `llm-train cancel {sub.run_dir}`"
+            )
+    job_id = slurm_job.submit(sub, args.config, args.overrides)
+    print(f"batch plan: {sub.plan.describe()}")
+    print(f"layout: {layout}, partition {profile.partition}, time {format_time(profile.time_s)}")
+    print(f"run dir: {sub.run_dir} (job logs in {sub.folder}, progress: llm-train status {sub.run_dir})")
+    print(f"submitted job {job_id}")
+    print(job_id)
+    return 0

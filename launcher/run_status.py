@@ -1,0 +1,233 @@
+"""Where a run stands, from its folder and SLURM: jobs, requeues, progress, checkpoints, ETA.
+
+Everything comes from files the trainer and `submit` write (jobs.json, requeues.json, metrics.jsonl,
+config.yaml, checkpoints/) plus one SLURM query per job, so it works without accounting and for
+jobs that SLURM has already forgotten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.slurm_job import JOBS_FILE, read_jobs
+from launcher.slurm_query import JobInfo, query_job
+from trainer.config import SlurmConfig, TrainConfig
+from trainer.errors import UserError
+
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", JOBS_FILE)
+REQUEUES_FILE = "requeues.json"  # written by trainer.preemption (not imported: it pulls in torch)
+ETA_WINDOW = 20  # train lines
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    valid: bool
+    problem: str | None
+    latest: bool
+
+
+@dataclass
+class RunStatus:
+    run_dir: str
+    state: str
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    requeues: int = 0
+    max_requeues: int = SlurmConfig.max_requeues
+    cap_reached: bool = False
+    step: int | None = None
+    max_steps: int | None = None
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    updated_s_ago: float | None = None
+    s_per_step: float | None = None
+    eta_s: float | None = None
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_run_dir(path: str | Path) -> Path:
+    run_dir = Path(path)
+    if not run_dir.is_dir() or not any((run_dir / name).exists() for name in RUN_MARKERS):
+        raise UserError(
+            f"'{path}' is not a run folder (no {', '.join(RUN_MARKERS)}); pass the run.dir of a run"
+        )
+    return run_dir
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl, skipping a line that is being written."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _run_settings(run_dir: Path) -> tuple[int, int]:
+    """(last step the run trains to, slurm.max_requeues) from RUN_DIR/config.yaml."""
+    train, slurm = TrainConfig(), SlurmConfig()
+    path = run_dir / "config.yaml"
+    try:
+        loaded = yaml.safe_load(path.read_text()) if path.is_file() else {}
+        train_raw, slurm_raw = loaded.get("train") or {}, loaded.get("slurm") or {}
+        max_steps = int(train_raw.get("max_steps", train.max_steps))
+        stop_at = train_raw.get("stop_at_step")
+        last = min(max_steps, int(stop_at)) if stop_at else max_steps
+        return last, int(slurm_raw.get("max_requeues", slurm.max_requeues))
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return train.max_steps, slurm.max_requeues
+
+
+def _checkpoints(run_dir: Path) -> list[Checkpoint]:
+    from trainer.checkpoint.manager import LATEST, step_folders, verify_step
+
+    root = run_dir / "checkpoints"
+    latest_file = root / LATEST
+    latest = latest_file.read_text().strip() if latest_file.is_file() else None
+    found = []
+    for folder in step_folders(root):
+        manifest, problem = verify_step(folder)
+        found.append(Checkpoint(folder.name, manifest is not None, problem, folder.name == latest))
+    return found
+
+
+def _segment(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Train lines since the last start of the trainer (queue waits and start-up excluded)."""
+    start = max((i for i, r in enumerate(records) if r.get("event") == "start"), default=-1)
+    return [r for r in records[start + 1 :] if "loss" in r and "time" in r]
+
+
+def _seconds_per_step(lines: list[dict[str, Any]]) -> float | None:
+    window = lines[-ETA_WINDOW:]
+    if len(window) < 2 or window[-1]["step"] <= window[0]["step"]:
+        return None
+    return (window[-1]["time"] - window[0]["time"]) / (window[-1]["step"] - window[0]["step"])
+
+
+def _overall_state(
+    events: list[dict[str, Any]],
+    job: dict[str, Any] | None,
+    latest: JobInfo | None,
+    requeues: int,
+    max_requeues: int,
+) -> tuple[str, bool]:
+    """(one-line state, whether the requeue cap stopped the run)."""
+    last = events[-1] if events else None
+    at_step = f" at step {last['step']}" if last is not None else ""
+    if latest is not None and latest.active:
+        if latest.state == "PENDING" and latest.restarts:
+            return f"requeued, waiting to resume (restart {latest.restarts})", False
+        return latest.state.lower(), False
+    if last is not None and last["event"] == "done":
+        return f"finished{at_step}", False
+    if job is not None and job.get("cancelled"):
+        return f"cancelled{at_step} (llm-train cancel, {job['cancelled']})", False
+    if latest is not None and latest.state not in (None, "COMPLETED"):
+        return f"{latest.state.lower()}{at_step}", False
+    if last is not None and last["event"] == "preempted":
+        if requeues >= max_requeues:
+            return (
+                f"stopped{at_step}: requeue cap reached (slurm.max_requeues={max_requeues}); "
+                "resubmit to continue",
+                True,
+            )
+        return f"stopped{at_step} by {last.get('signal', 'a signal')}, not requeued", False
+    if latest is None:
+        if last is not None and last["event"] in ("start", "resume", "checkpoint"):
+            return f"not submitted to SLURM; last event '{last['event']}'{at_step}", False
+        return ("not submitted to SLURM" if last is None else f"stopped{at_step}"), False
+    if latest.source == "unavailable":
+        return "unknown (SLURM commands not found on this machine)", False
+    if latest.state is None:
+        detail = f"; last event '{last['event']}'{at_step}" if last is not None else ""
+        return f"finished (no longer known to SLURM){detail}", False
+    return f"job completed{at_step}", False
+
+
+def read_status(path: str | Path) -> RunStatus:
+    run_dir = check_run_dir(path)
+    records = read_records(run_dir)
+    events = [r for r in records if "event" in r]
+    last_step, max_requeues = _run_settings(run_dir)
+    requeue_file = run_dir / REQUEUES_FILE
+    try:
+        requeues = int(json.loads(requeue_file.read_text())["count"]) if requeue_file.is_file() else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        requeues = 0
+    infos = [(job, query_job(str(job["job_id"]))) for job in read_jobs(run_dir)]
+    job, latest = infos[-1] if infos else (None, None)
+    state, cap_reached = _overall_state(events, job, latest, requeues, max_requeues)
+    status = RunStatus(
+        run_dir=str(run_dir.resolve()),
+        state=state,
+        jobs=[{**job, **asdict(info), "describe": info.describe()} for job, info in infos],
+        requeues=requeues,
+        max_requeues=max_requeues,
+        cap_reached=cap_reached,
+        max_steps=last_step,
+        checkpoints=_checkpoints(run_dir),
+    )
+    train_lines = [r for r in records if "loss" in r]
+    if train_lines:
+        newest = train_lines[-1]
+        status.step, status.loss = newest["step"], newest["loss"]
+        status.tokens_per_s = newest.get("tokens_per_s")
+        if "time" in newest:
+            status.updated_s_ago = round(time.time() - newest["time"], 1)
+    status.s_per_step = _seconds_per_step(_segment(records))
+    # An ETA only for a run that is training or about to: a live job, or a local run still logging.
+    live = latest.active if latest is not None else bool(events) and events[-1]["event"] != "done"
+    if status.s_per_step is not None and status.step is not None and live:
+        status.eta_s = round(max(last_step - status.step, 0) * status.s_per_step, 1)
+    return status
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def format_status(status: RunStatus) -> str:
+    rows = [("run", status.run_dir), ("state", status.state)]
+    if status.jobs:
+        rows.append(("jobs", "; ".join(job["describe"] for job in reversed(status.jobs))))
+    left = "no requeues left" if status.requeues >= status.max_requeues else "cap not reached"
+    rows.append(("requeues", f"{status.requeues} of at most {status.max_requeues} ({left})"))
+    if status.step is not None:
+        progress = f"step {status.step}/{status.max_steps}, loss {status.loss:.4f}"
+        if status.tokens_per_s is not None:
+            progress += f", {status.tokens_per_s:,.0f} tokens/s"
+        if status.updated_s_ago is not None:
+            progress += f", last logged {_duration(status.updated_s_ago)} ago"
+        rows.append(("progress", progress))
+    else:
+        rows.append(("progress", f"no step logged yet (of {status.max_steps})"))
+    if status.eta_s is not None:
+        rows.append(("eta", f"{_duration(status.eta_s)} of training left ({status.s_per_step:.3f} s/step)"))
+    if status.checkpoints:
+        shown = [
+            f"{c.name} {'ok' if c.valid else 'INVALID (' + str(c.problem) + ')'}{' (latest)' if c.latest else ''}"
+            for c in status.checkpoints
+        ]
+        rows.append(("checkpoints", "; ".join(shown)))
+    else:
+        rows.append(("checkpoints", "none"))
+    width = max(len(key) for key, _ in rows) + 2
+    return "\n".join(f"{key:<{width}}{value}" for key, value in rows)
