@@ -42,7 +42,10 @@ class _DataPosition:
 
 def state_bytes(backend: FSDPBackend) -> int:
     tensors = list(backend.module.parameters()) + [
-        value for state in backend.optimizer.state.values() for value in state.values() if torch.is_tensor(value)
+        value
+        for state in backend.optimizer.state.values()
+        for value in state.values()
+        if torch.is_tensor(value)
     ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -63,7 +66,9 @@ def drop_page_cache() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dir", default="/var/tmp/llm-training-bench-ckpt")
     parser.add_argument("--size", default="gpt2-124m")
     parser.add_argument("--repeats", type=int, default=3)
@@ -87,22 +92,30 @@ def main() -> None:
     def plain_state() -> dict:
         return {"model": backend.module.state_dict(), "optim": backend.optimizer.state_dict()}
 
-    results: dict[str, list[float]] = {k: [] for k in ("save", "plain_save", "load", "plain_load", "async_stall")}
+    results: dict[str, list[float]] = {
+        k: [] for k in ("save", "plain_save", "load", "plain_load", "async_stall")
+    }
     for repeat in range(args.repeats):
         step = repeat + 1
-        results["save"].append(timed(lambda: manager.save(step, {"step": step, "tokens": 0}, backend, data)))  # noqa: B023
+        results["save"].append(
+            timed(lambda step=step: manager.save(step, {"step": step, "tokens": 0}, backend, data))
+        )
         results["plain_save"].append(timed(lambda: (torch.save(plain_state(), plain_file), os.sync())))
         drop_page_cache()
         point = newest_valid_step(manager.root)
-        results["load"].append(timed(lambda: manager.load(point, backend, data)))  # noqa: B023
+        results["load"].append(timed(lambda point=point: manager.load(point, backend, data)))
         drop_page_cache()
         results["plain_load"].append(timed(lambda: torch.load(plain_file, weights_only=False)))
         manager.config.checkpoint.async_save = True
-        results["async_stall"].append(timed(lambda: manager.save(100 + step, {"step": step, "tokens": 0}, backend, data)))  # noqa: B023
+        results["async_stall"].append(
+            timed(lambda step=step: manager.save(100 + step, {"step": step, "tokens": 0}, backend, data))
+        )
         manager.wait()
         manager.config.checkpoint.async_save = False
     median = {key: statistics.median(values) for key, values in results.items()}
-    print(f"state: {args.size} model + AdamW moments, {size_gb:.2f} GB fp32; {args.repeats} repeats, medians; disk {root}")
+    print(
+        f"state: {args.size} model + AdamW moments, {size_gb:.2f} GB fp32; {args.repeats} repeats, medians; disk {root}"
+    )
     print(f"save  llm-train {size_gb / median['save']:.2f} GB/s   torch.save {size_gb / median['plain_save']:.2f} GB/s"
           f"   ratio {median['plain_save'] / median['save']:.2f} (target >= 0.7)")  # fmt: skip
     print(f"load  llm-train {size_gb / median['load']:.2f} GB/s   torch.load {size_gb / median['plain_load']:.2f} GB/s"

@@ -81,7 +81,9 @@ def run_row(env, size: str, micro: int, overrides: list[str], warmup: int, windo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.md"))
@@ -100,7 +102,9 @@ def main() -> None:
         try:
             r = run_row(env, size, micro, overrides, args.warmup, args.window)
             mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            lines.append(f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |")
+            lines.append(
+                f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |"
+            )
         except torch.cuda.OutOfMemoryError:
             lines.append(f"| {label} | - | {micro} | out of memory | | |")
             gc.collect()

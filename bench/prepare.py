@@ -7,9 +7,12 @@
    workers, tokenize, split, pack, write and hash the shards, rename); the raw baseline is only
    `encode_batch_fast` in an already started, warmed pool. Runs alternate to share the noise.
 2. The loader's tokens/s reading the train split as LongTensor batches (8, seq_len), against a
-   plain numpy memmap of the same tokens read the same way (target ratio >= 0.5).
+   plain numpy memmap of the same tokens read the same way (target ratio >= 0.5). Each repeat runs
+   the memmap baseline, then plain streaming and the trainer's loader with 0 and 2 DataLoader
+   workers; ratios are taken within a repeat, then their median is reported.
 
 Usage: .venv/bin/python bench/prepare.py [--workers 2] [--repeats 5] [--seq-len 256]
+           [--loader-repeats 5] [--loader-only]
 """
 
 from __future__ import annotations
@@ -153,14 +156,17 @@ def bench_prepare(work: Path, workers: int, repeats: int, seq_len: int) -> dict[
     }
 
 
-def _memmap_rate(flat: Path, seq_len: int, dtype: str) -> float:
-    """Baseline: the plain memmap loader (nanoGPT style): each sample a slice, stacked, as int64."""
+def _memmap_rate(flat: Path, seq_len: int, dtype: str) -> tuple[float, float]:
+    """Baseline: the plain memmap loader (nanoGPT style): each sample a slice, stacked, as int64.
+
+    Returns tokens per wall second and tokens per CPU second of this process.
+    """
     import numpy as np
     import torch
 
     tokens = np.memmap(flat, dtype=dtype, mode="r")
     samples = len(tokens) // seq_len
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     count = 0
     for first in range(0, samples - BATCH + 1, BATCH):
         rows = [
@@ -168,22 +174,24 @@ def _memmap_rate(flat: Path, seq_len: int, dtype: str) -> float:
             for i in range(first, first + BATCH)
         ]
         count += torch.stack(rows).numel()
-    return count / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started), count / (time.process_time() - cpu_started)
 
 
-def _rates(batches: Any) -> tuple[float, float]:
-    """Tokens/s over a whole pass, and from the first batch on (without streaming's start-up)."""
-    started = time.perf_counter()
+def _rates(batches: Any) -> tuple[float, float, float]:
+    """Tokens/s over a whole pass, from the first batch on (without the epoch's start-up), and per
+    CPU second of this process (which leaves out DataLoader workers)."""
+    started, cpu_started = time.perf_counter(), time.process_time()
     first_at, first_count, count = 0.0, 0, 0
     for batch in batches:
         count += batch.numel()
         if not first_at:
             first_at, first_count = time.perf_counter(), count
     ended = time.perf_counter()
-    return count / (ended - started), (count - first_count) / (ended - first_at)
+    cpu = time.process_time() - cpu_started
+    return count / (ended - started), (count - first_count) / (ended - first_at), count / cpu
 
 
-def _plain_streaming_rates(split: Path, num_workers: int) -> tuple[float, float]:
+def _plain_streaming_rates(split: Path, num_workers: int) -> tuple[float, float, float]:
     import torch
     from streaming import StreamingDataLoader, StreamingDataset
 
@@ -192,7 +200,7 @@ def _plain_streaming_rates(split: Path, num_workers: int) -> tuple[float, float]
     return _rates(torch.as_tensor(batch["tokens"]).long() for batch in loader)
 
 
-def _trainer_loader_rates(folder: Path, num_workers: int) -> tuple[float, float] | str:
+def _trainer_loader_rates(folder: Path, num_workers: int) -> tuple[float, float, float] | str:
     try:
         from trainer.config import DataConfig
         from trainer.data import build_loader
@@ -204,7 +212,7 @@ def _trainer_loader_rates(folder: Path, num_workers: int) -> tuple[float, float]
         return f"unavailable ({type(error).__name__}: {error})"
 
 
-def bench_loader(work: Path, seq_len: int) -> dict[str, Any]:
+def bench_loader(work: Path, seq_len: int, repeats: int) -> dict[str, Any]:
     import numpy as np
     from streaming import StreamingDataset
 
@@ -213,20 +221,35 @@ def bench_loader(work: Path, seq_len: int) -> dict[str, Any]:
     dataset = StreamingDataset(local=str(folder / "train"), shuffle=False, batch_size=BATCH)
     flat = work / "train.bin"
     np.concatenate([dataset[i]["tokens"] for i in range(dataset.num_samples)]).tofile(flat)
-    memmap = statistics.median(_memmap_rate(flat, seq_len, stats["dtype"]) for _ in range(3))
-    result: dict[str, Any] = {"train_samples": stats["train_samples"], "memmap_tokens_per_s": round(memmap)}
-    for workers in (0, 2):
-        for name, rates in (
-            ("streaming_dataloader", _plain_streaming_rates(folder / "train", workers)),
-            ("trainer_build_loader", _trainer_loader_rates(folder, workers)),
-        ):
-            key = f"{name}_w{workers}"
-            if isinstance(rates, str):
-                result[key] = rates
-                continue
-            result[f"{key}_tokens_per_s"] = round(rates[0])
-            result[f"{key}_ratio_to_memmap"] = round(rates[0] / memmap, 4)
-            result[f"{key}_after_first_batch_ratio_to_memmap"] = round(rates[1] / memmap, 4)
+    median = statistics.median
+    memmap: list[tuple[float, float]] = []
+    runs: dict[str, list[tuple[tuple[float, float], tuple[float, float, float]]]] = {}  # (memmap, loader)
+    errors: dict[str, str] = {}
+    for _ in range(repeats):  # alternate the baseline and the loaders, so that they share the noise
+        memmap.append(_memmap_rate(flat, seq_len, stats["dtype"]))
+        for workers in (0, 2):
+            for name, rates in (
+                ("streaming_dataloader", _plain_streaming_rates(folder / "train", workers)),
+                ("trainer_build_loader", _trainer_loader_rates(folder, workers)),
+            ):
+                if isinstance(rates, str):
+                    errors[f"{name}_w{workers}"] = rates
+                else:
+                    runs.setdefault(f"{name}_w{workers}", []).append((memmap[-1], rates))
+    result: dict[str, Any] = {
+        "train_samples": stats["train_samples"],
+        "repeats": repeats,
+        "memmap_tokens_per_s": round(median(rate for rate, _ in memmap)),
+        "memmap_tokens_per_cpu_s": round(median(cpu for _, cpu in memmap)),
+        **errors,
+    }
+    for key, pairs in runs.items():
+        result[f"{key}_tokens_per_s"] = round(median(r[0] for _, r in pairs))
+        result[f"{key}_ratio_to_memmap"] = round(median(r[0] / m[0] for m, r in pairs), 4)
+        result[f"{key}_after_first_batch_ratio_to_memmap"] = round(median(r[1] / m[0] for m, r in pairs), 4)
+        if key.endswith("_w0"):  # with workers the reading happens in other processes
+            result[f"{key}_per_cpu_s_ratio_to_memmap"] = round(median(r[2] / m[1] for m, r in pairs), 4)
+        result[f"{key}_per_repeat_ratio"] = [round(r[0] / m[0], 3) for m, r in pairs]
     return result
 
 
@@ -237,13 +260,29 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--loader-repeats", type=int, default=5)
+    parser.add_argument(
+        "--loader-only", action="store_true", help="prepare the demo once, then only the loader part"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         work = Path(temp)
         result: dict[str, Any] = {"workers": args.workers, "seq_len": args.seq_len, "cpus": os.cpu_count()}
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
-        result["prepare"] = bench_prepare(work, args.workers, args.repeats, args.seq_len)
-        result["loader"] = bench_loader(work, args.seq_len)
+        if args.loader_only:
+            from trainer.prepare import run_prepare
+
+            options = PrepareOptions(
+                inputs=stdlib_corpus_glob(),
+                out=work / "demo",
+                tokenizer="bpe:4096",
+                seq_len=args.seq_len,
+                workers=args.workers,
+            )
+            run_prepare(options)
+        else:
+            result["prepare"] = bench_prepare(work, args.workers, args.repeats, args.seq_len)
+        result["loader"] = bench_loader(work, args.seq_len, args.loader_repeats)
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(result, indent=2))
 

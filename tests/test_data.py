@@ -7,18 +7,28 @@ import json
 import multiprocessing
 import os
 import socket
+import weakref
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 from mds_fixtures import sample_ids, sample_tokens, write_dataset
-from streaming import MDSWriter
+from streaming import MDSWriter, StreamingDataset
+from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
 
 from trainer.config import DataConfig
-from trainer.data import TokenBatches, _read_info, build_loader, node_cache_dir, read_dataset_info
+from trainer.data import (
+    TokenBatches,
+    _Dataset,
+    _read_info,
+    build_loader,
+    node_cache_dir,
+    read_dataset_info,
+)
 from trainer.errors import UserError
 
 SEED = 17
@@ -321,3 +331,153 @@ def test_corrupt_remote_shard_is_a_user_error_naming_it(
     with pytest.raises(UserError, match=r"Checksum failure: .*shard\.00001\.mds"):
         take(loader, loader.batches_per_epoch)
     assert not (tmp_path / "cache" / "node-0" / "train" / "shard.00001.mds").exists()  # not kept as if good
+
+
+# --- fast path: memory-mapped shards, no streaming threads ---------------------------------------
+
+
+def _write_compressed(root: Path, num_samples: int, encoding: str = "ndarray:uint16") -> Path:
+    """A train split like `write_split`'s, with zstd-compressed shards."""
+    dtype = np.int64 if encoding == "bytes" else np.dtype(encoding.split(":")[1])
+    with MDSWriter(
+        out=str(root / "train"),
+        columns={"tokens": encoding},
+        compression="zstd",
+        hashes=["sha1", "xxh64"],
+        size_limit=1024,
+    ) as writer:
+        for index in range(num_samples):
+            tokens = sample_tokens(index, 16, 512).astype(dtype)
+            writer.write({"tokens": tokens.tobytes() if encoding == "bytes" else tokens})
+    return root
+
+
+def _write_many_columns(root: Path, num_samples: int) -> Path:
+    """Fixed- and variable-size columns of several encodings, to check the sample layout decoding."""
+    columns = {
+        "tokens": "ndarray:uint16",
+        "fixed": "ndarray:int32:2,3",
+        "free": "ndarray",  # dtype and shape stored with every sample
+        "raw": "bytes",
+        "id": "int",
+        "name": "str",
+        "score": "float64",
+    }
+    with MDSWriter(out=str(root / "train"), columns=columns, size_limit=4096) as writer:
+        for index in range(num_samples):
+            writer.write(
+                {
+                    "tokens": sample_tokens(index, 16 + index % 5, 512).astype(np.uint16),
+                    "fixed": np.arange(6, dtype=np.int32).reshape(2, 3) * index,
+                    "free": np.full((2, 300) if index % 2 else (index + 1,), index, np.float32),
+                    "raw": bytes(range(index % 7)) + b"x",
+                    "id": index,
+                    "name": f"sample-{index}",
+                    "score": index / 3,
+                }
+            )
+    return root
+
+
+def _assert_same_sample(fast: dict[str, Any], reference: dict[str, Any]) -> None:
+    assert fast.keys() == reference.keys()
+    for name, value in reference.items():
+        assert type(fast[name]) is type(value), name
+        if isinstance(value, np.ndarray):
+            assert (fast[name].dtype, fast[name].shape) == (value.dtype, value.shape), name
+            assert np.array_equal(fast[name], value), name
+        else:
+            assert fast[name] == value, name
+
+
+@pytest.mark.parametrize(
+    "layout", ["ndarray:uint16", "ndarray:uint32", "bytes", "zstd ndarray:uint16", "zstd bytes", "columns"]
+)
+def test_fast_path_reads_exactly_what_streaming_reads(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "data"
+    if layout == "columns":
+        _write_many_columns(root, 40)
+    elif layout.startswith("zstd"):
+        _write_compressed(root, 40, layout.split()[1])
+    else:
+        write_dataset(root, train_samples=40, val_samples=0, encoding=layout)
+    dataset = _Dataset(local=str(root), split="train", batch_size=4)
+    assert dataset.num_shards > 1
+    compressed = layout.startswith("zstd")
+    if compressed:  # only the .zstd files are there: streaming's path decompresses them on first use
+        assert dataset._fast_item(0) is None
+    for sample_id in range(dataset.num_samples):
+        reference = StreamingDataset.get_item(dataset, sample_id)  # streaming's open, seek and read
+        fast = dataset._fast_item(sample_id)
+        assert fast is not None
+        _assert_same_sample(fast, reference)
+        _assert_same_sample(dataset[sample_id], reference)
+    assert sorted(dataset._shard_files) == list(range(dataset.num_shards))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_reads_local_shards_without_streamings_per_sample_read(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    def fail(*args: Any) -> None:
+        raise AssertionError("streaming's per-sample read was used")
+
+    monkeypatch.setattr(MDSReader, "get_sample_data", fail)  # DataLoader workers are forked: patched too
+    loader = build_loader(DataConfig(path=str(dataset), num_workers=num_workers), "train", 4, SEED)
+    seen = sorted(sum(take(loader, loader.batches_per_epoch), []))
+    assert seen == list(range(64))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fast_path_yields_the_batches_of_streamings_own_path(
+    dataset: Path, monkeypatch: pytest.MonkeyPatch, num_workers: int
+) -> None:
+    """Same order, epochs and resume as streaming's threaded iteration with its own reads."""
+    data = DataConfig(path=str(dataset), num_workers=num_workers)
+    fast = take(build_loader(data, "train", 4, SEED), 40)
+    first = build_loader(data, "train", 4, SEED)
+    batches = iter(first)
+    before = [sample_ids(next(batches)["input_ids"]) for _ in range(21)]
+    state = first.state_dict()
+
+    monkeypatch.setattr(_Dataset, "_shard_file", lambda self, shard_id: None)  # nothing is ever ready
+    slow = take(build_loader(data, "train", 4, SEED), 40)
+    second = build_loader(data, "train", 4, SEED)
+    second.load_state_dict(state)
+    assert fast == slow
+    assert before + take(second, 19) == slow
+
+
+def test_compressed_dataset_is_decompressed_then_read_fast(tmp_path: Path) -> None:
+    plain = write_dataset(tmp_path / "plain", train_samples=64, val_samples=0, prepare_json=False)
+    zipped = _write_compressed(tmp_path / "zipped", 64)
+    expected = take(build_loader(DataConfig(path=str(plain)), "train", 4, SEED), 40)
+    loader = build_loader(DataConfig(path=str(zipped)), "train", 4, SEED)
+    assert take(loader, 40) == expected  # epoch 0 through streaming (decompressing), then fast
+    assert sorted(loader._dataset._shard_files) == list(range(loader._dataset.num_shards))
+
+
+def test_remote_cache_maps_shards_and_closes_them_on_eviction(dataset: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    loader = build_loader(DataConfig(path=str(cache), remote=str(dataset)), "train", 4, SEED)
+    assert sorted(sum(take(loader, 2 * loader.batches_per_epoch), [])) == sorted(list(range(64)) * 2)
+    shards = loader._dataset
+    assert sorted(shards._shard_files) == list(range(shards.num_shards))
+    mapped = weakref.ref(shards._shard_files[1])
+
+    shards.evict_shard(1)
+    assert 1 not in shards._shard_files and 1 not in shards._ready_shards
+    assert mapped() is None  # unmapped: the file's space is freed
+    assert not (cache / "node-0" / "train" / "shard.00001.mds").exists()
+    assert shards._fast_item(int(shards._shard_starts[1])) is None  # evicted: not read from a map
+    again = StreamingDataset.get_item(shards, int(shards._shard_starts[1]))  # downloads it again
+    assert again["tokens"].tolist() == sample_tokens(shards._shard_starts[1], 16, 512).tolist()
+    assert shards._fast_item(int(shards._shard_starts[1])) is not None
+
+
+def test_no_shard_is_mapped_when_a_cache_limit_may_evict_it(dataset: Path, tmp_path: Path) -> None:
+    shards = _Dataset(
+        remote=str(dataset), local=str(tmp_path / "cache"), split="train", batch_size=4, cache_limit="1mb"
+    )
+    assert sorted(int(sample["tokens"][0]) for sample in shards) == list(range(64))
+    assert shards._shard_files == {} and shards._ready_shards == set()
