@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from trainer.config import CONFIGS_DIR
+from trainer.config import CONFIGS_DIR, resolve_config_path
 from trainer.errors import UserError
 
 CLUSTERS_DIR = CONFIGS_DIR / "clusters"
@@ -113,16 +113,7 @@ _ProfileLoader.yaml_implicit_resolvers = {
 
 def resolve_profile_path(name_or_path: str) -> Path:
     """A YAML path, or the name of a profile in configs/clusters/."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = CLUSTERS_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))) or "none"
-    raise UserError(
-        f"cluster profile '{name_or_path}' does not exist; pass a YAML path or a profile name ({names})"
-    )
+    return resolve_config_path(name_or_path, CLUSTERS_DIR, what="cluster profile", name_kind="profile name")
 
 
 # key -> (accepted types, may be null, what to write instead)

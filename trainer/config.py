@@ -220,18 +220,18 @@ def batch_plan(train: TrainConfig, world_size: int, seq_len: int | None = None) 
     )
 
 
-def resolve_config_path(name_or_path: str) -> Path:
-    """A path to a YAML file, or the name of a shipped preset (`tiny`, `gpt2-124m`, ...)."""
+def resolve_config_path(
+    name_or_path: str, folder: Path = CONFIGS_DIR, what: str = "config file", name_kind: str = "preset name"
+) -> Path:
+    """A path to a YAML file, or the name of a shipped one in `folder` (presets: `tiny`, `gpt2-124m`, ...)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = CONFIGS_DIR / f"{name_or_path}.yaml"
-    if "/" not in name_or_path and preset.is_file():
-        return preset
-    presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise UserError(
-        f"config file '{name_or_path}' does not exist; pass a YAML path or a preset name ({presets})"
-    )
+    shipped = folder / f"{name_or_path}.yaml"
+    if "/" not in name_or_path and shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+    raise UserError(f"{what} '{name_or_path}' does not exist; pass a YAML path or a {name_kind} ({names})")
 
 
 def _rename_keywords(node: Any) -> Any:
