@@ -142,12 +142,19 @@ def distributed(timeout_s: float) -> Iterator[DistEnv]:
         teardown()
 
 
-def all_reduce_mean(value: float | torch.Tensor) -> float:
-    """Average a scalar over ranks (float64 on CPU so the result does not depend on the device)."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).detach().clone().cpu()
+def all_reduce_scalar(
+    value: float | torch.Tensor, dtype: torch.dtype, op: dist.ReduceOp = dist.ReduceOp.SUM
+) -> torch.Tensor:
+    """Reduce a scalar over ranks (a no-op in a single process); nccl needs it on the GPU."""
+    tensor = torch.as_tensor(value, dtype=dtype).detach().clone().cpu()
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
             tensor = tensor.cuda()
-        dist.all_reduce(tensor)
-        tensor = tensor / dist.get_world_size()
-    return float(tensor.item())
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """Average a scalar over ranks (float64, so the result does not depend on the device)."""
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return float((all_reduce_scalar(value, torch.float64) / world_size).item())

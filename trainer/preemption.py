@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.atomic import atomic_write_text
+from trainer.distributed import all_reduce_scalar
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,7 @@ class StopSignals:
 
     def agreed(self) -> str | None:
         """The signal's name if any rank received one (a collective: every rank calls it each step)."""
-        flag = torch.tensor([self.received], dtype=torch.int64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        value = int(flag.item())
+        value = int(all_reduce_scalar(self.received, torch.int64, op=dist.ReduceOp.MAX).item())
         return signal.Signals(value).name if value else None
 
     def restore(self) -> None:
