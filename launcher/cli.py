@@ -13,7 +13,7 @@ import traceback
 
 from trainer.errors import UserError
 
-COMMANDS = ("prepare", "train", "submit", "status", "cancel", "eval", "export", "generate", "demo")
+COMMANDS = ("prepare", "train", "submit", "status", "doctor", "cancel", "eval", "export", "generate", "demo")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,7 +1,7 @@
-"""Where a run stands, from its folder and SLURM: jobs, requeues, progress, checkpoints, ETA.
+"""Where a run stands, from its folder and SLURM: jobs, requeues, progress, checkpoints, ETA, goodput.
 
 Everything comes from files the trainer and `submit` write (jobs.json, requeues.json, metrics.jsonl,
-config.yaml, checkpoints/) plus one SLURM query per job, so it works without accounting and for
+config.yaml, checkpoints/, goodput/) plus one SLURM query per job, so it works without accounting and for
 jobs that SLURM has already forgotten.
 """
 
@@ -19,6 +19,7 @@ from launcher.slurm_job import JOBS_FILE, read_jobs
 from launcher.slurm_query import JobInfo, query_job
 from trainer.config import SlurmConfig, TrainConfig
 from trainer.errors import UserError
+from trainer.goodput import format_duration, format_goodput, summarize
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", JOBS_FILE)
 REQUEUES_FILE = "requeues.json"  # written by trainer.preemption (not imported: it pulls in torch)
@@ -49,6 +50,7 @@ class RunStatus:
     s_per_step: float | None = None
     eta_s: float | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
+    goodput: dict[str, Any] | None = None  # trainer.goodput.summarize: allocated time and where it went
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +184,7 @@ def read_status(path: str | Path) -> RunStatus:
         cap_reached=cap_reached,
         max_steps=last_step,
         checkpoints=_checkpoints(run_dir),
+        goodput=summarize(run_dir),
     )
     train_lines = [r for r in records if "loss" in r]
     if train_lines:
@@ -198,12 +201,6 @@ def read_status(path: str | Path) -> RunStatus:
     return status
 
 
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
-
-
 def format_status(status: RunStatus) -> str:
     rows = [("run", status.run_dir), ("state", status.state)]
     if status.jobs:
@@ -215,12 +212,14 @@ def format_status(status: RunStatus) -> str:
         if status.tokens_per_s is not None:
             progress += f", {status.tokens_per_s:,.0f} tokens/s"
         if status.updated_s_ago is not None:
-            progress += f", last logged {_duration(status.updated_s_ago)} ago"
+            progress += f", last logged {format_duration(status.updated_s_ago)} ago"
         rows.append(("progress", progress))
     else:
         rows.append(("progress", f"no step logged yet (of {status.max_steps})"))
     if status.eta_s is not None:
-        rows.append(("eta", f"{_duration(status.eta_s)} of training left ({status.s_per_step:.3f} s/step)"))
+        rows.append(
+            ("eta", f"{format_duration(status.eta_s)} of training left ({status.s_per_step:.3f} s/step)")
+        )
     if status.checkpoints:
         shown = [
             f"{c.name} {'ok' if c.valid else 'INVALID (' + str(c.problem) + ')'}{' (latest)' if c.latest else ''}"
@@ -229,5 +228,7 @@ def format_status(status: RunStatus) -> str:
         rows.append(("checkpoints", "; ".join(shown)))
     else:
         rows.append(("checkpoints", "none"))
+    if status.goodput is not None:
+        rows.append(("goodput", format_goodput(status.goodput)))
     width = max(len(key) for key, _ in rows) + 2
     return "\n".join(f"{key:<{width}}{value}" for key, value in rows)

@@ -19,7 +19,8 @@ from trainer_runs import BASE_OVERRIDES, read_metrics, train
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
-from trainer.checkpoint.manager import LATEST, SLEEP_IN_SAVE_ENV, step_dir_name
+from trainer.checkpoint.manager import LATEST, step_dir_name
+from trainer.fault_injection import SLEEP_IN_SAVE_ENV
 from trainer.hf_export import full_state_dict
 
 STEPS = ["train.max_steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=4"]

@@ -29,6 +29,7 @@ BACKENDS = ("fsdp", "deepspeed")
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 PRECISIONS = ("bf16", "fp32", "fp16")
 WANDB_MODES = ("auto", "off", "offline", "online")
+NONFINITE_ACTIONS = ("stop", "skip_batch", "rollback")
 RESUME_MODES = ("auto", "none")
 
 
@@ -121,6 +122,13 @@ class TrainConfig:
     """torch.compile each transformer block."""
     peak_tflops: float | None = None
     """Peak dense TFLOP/s of one device for MFU; None uses the known peak of the GPU (H100, H200, A100)."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient norm: stop | skip_batch (drop the batch, retry the step with the next one) |
+    rollback (reload the newest checkpoint, skip the offending batch, go on). Either way no update is applied."""
+    max_nonfinite: int = 3
+    """skip_batch/rollback: how many non-finite steps a run tolerates before it stops."""
+    skip_batches: list[int] = field(default_factory=list)
+    """Global batch indices (0-based, in the order the run draws them) never trained on, e.g. around a loss spike."""
 
 
 @dataclass
@@ -306,6 +314,7 @@ def _range_problems(config: Config) -> list[str]:
         ("data.num_canonical_nodes", config.data.num_canonical_nodes, 1),
         ("parallel.timeout_s", config.parallel.timeout_s, 1),
         ("slurm.max_requeues", config.slurm.max_requeues, 0),
+        ("train.max_nonfinite", config.train.max_nonfinite, 0),
         ("train.grad_clip", config.train.grad_clip, 0),
         ("train.lr", config.train.lr, 0),
         ("train.min_lr", config.train.min_lr, 0),
@@ -322,6 +331,7 @@ def validate(config: Config) -> None:
         ("parallel.backend", config.parallel.backend, BACKENDS),
         ("train.precision", config.train.precision, PRECISIONS),
         ("log.wandb", config.log.wandb, WANDB_MODES),
+        ("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS),
     ]
     problems += [
         f"{key}='{value}' is not one of {', '.join(allowed)}"
@@ -334,6 +344,8 @@ def validate(config: Config) -> None:
         problems.append(
             f"train.micro_batch_size={config.train.micro_batch_size} exceeds train.global_batch_size={config.train.global_batch_size}"
         )
+    if any(index < 0 for index in config.train.skip_batches):
+        problems.append(f"train.skip_batches={config.train.skip_batches} holds a negative batch index")
     if config.train.min_lr > config.train.lr:
         problems.append(f"train.min_lr={config.train.min_lr} exceeds train.lr={config.train.lr}")
     shape = model_shape(config.model) if config.model.size in MODEL_SHAPES else None

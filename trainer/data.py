@@ -542,7 +542,7 @@ class TokenBatches:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self._started:
-            raise RuntimeError("TokenBatches is iterated once: its iterator is endless")
+            raise RuntimeError("TokenBatches has one iteration at a time: close the endless iterator first")
         if self._epoch_samples == 0:
             raise UserError(
                 f"the {self.split} split has {self._dataset.epoch_size} samples, fewer than one global batch "
@@ -550,10 +550,13 @@ class TokenBatches:
             )
         self._check_layout()
         self._started = True
-        while True:
-            yield from self._rest_of_epoch()
-            self._epoch += 1
-            self._sample_in_epoch = 0
+        try:
+            while True:
+                yield from self._rest_of_epoch()
+                self._epoch += 1
+                self._sample_in_epoch = 0
+        finally:
+            self._started = False  # closed: `load_state_dict` may rewind it (a rollback)
 
     def _check_layout(self) -> None:
         canonical, nodes = self._dataset.num_canonical_nodes, self.num_nodes
@@ -636,7 +639,7 @@ class TokenBatches:
         of the interrupted run is kept.
         """
         if self._started:
-            raise RuntimeError("load_state_dict() must come before iterating")
+            raise RuntimeError("load_state_dict() must come before iterating, or after closing the iterator")
         canonical, seed = int(state["num_canonical_nodes"]), int(state["shuffle_seed"])
         if (canonical, seed) != (self._dataset.num_canonical_nodes, self._dataset.shuffle_seed):
             logger.warning(
@@ -657,6 +660,8 @@ class TokenBatches:
         self._dataset.num_canonical_nodes = canonical
         self._dataset.shuffle_seed = seed
         self._dataset.initial_physical_nodes = self._initial_physical_nodes
+        # Streaming ignores a resume state older than the epoch it thinks comes next (a rollback rewinds).
+        self._dataset.next_epoch = self._epoch
         self._dataset.load_state_dict(self.state_dict())
 
 

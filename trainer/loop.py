@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,30 +15,38 @@ import torch
 from trainer.checkpoint import CheckpointManager
 from trainer.config import BatchPlan, Config
 from trainer.distributed import all_reduce_mean
+from trainer.fault_injection import nan_loss_if_chosen, stall
+from trainer.goodput import GoodputClock
+from trainer.heartbeat import Heartbeat
 from trainer.metrics import MetricsLogger, mfu
 from trainer.model import ModelFacts
+from trainer.nonfinite import handle_nonfinite
 from trainer.parallel import Backend
 from trainer.preemption import Preempted, StopSignals
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite: training stops instead of silently continuing."""
-
-
 @dataclass
 class TrainState:
-    """Progress counters that a checkpoint saves and a resume restores."""
+    """Progress counters that a checkpoint saves and a resume restores.
+
+    `batches` counts the global batches drawn from the data (trained on or skipped); `skipped` lists
+    those dropped after a non-finite loss, so that a rollback or a resume skips them again.
+    """
 
     step: int = 0
     tokens: int = 0
+    batches: int = 0
+    skipped: list[int] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens}
+        return {"step": self.step, "tokens": self.tokens, "batches": self.batches, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
+        self.batches = int(state.get("batches", self.step))  # checkpoints from before skipping existed
+        self.skipped = [int(index) for index in state.get("skipped", [])]
 
 
 @dataclass
@@ -53,9 +61,13 @@ class LoopContext:
     is_main: bool
     checkpoints: CheckpointManager
     stop_signals: StopSignals
+    heartbeat: Heartbeat
+    clock: GoodputClock
+    rank: int = 0
 
 
 def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    ctx.heartbeat.enter("evaluation")
     ctx.backend.train(False)
     losses = [ctx.backend.eval_loss(batch["input_ids"].to(ctx.device)).double() for batch in val_batches]
     ctx.backend.train(True)
@@ -63,16 +75,39 @@ def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
-def train_step(ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, float]:
-    """One optimizer step over `grad_accum` micro batches; returns (loss averaged over ranks, grad norm)."""
+def train_step(
+    ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]], step: int, batch_index: int
+) -> tuple[float, float]:
+    """One optimizer step over `grad_accum` micro batches; returns (loss averaged over ranks, grad norm).
+
+    Both backends apply no update when the gradient norm is not finite.
+    """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for micro in range(ctx.plan.grad_accum):
-        input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
-        loss += ctx.backend.forward_backward(
-            input_ids, last_micro_batch=micro == ctx.plan.grad_accum - 1
-        ).double()
+    with nan_loss_if_chosen(ctx.backend.module, batch_index):
+        for micro in range(ctx.plan.grad_accum):
+            with ctx.clock.phase("data"):
+                ctx.heartbeat.enter("data", step)
+                input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
+            ctx.heartbeat.enter("forward/backward")
+            loss += ctx.backend.forward_backward(
+                input_ids, last_micro_batch=micro == ctx.plan.grad_accum - 1
+            ).double()
+    stall(ctx.rank, step)
+    ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
+    ctx.heartbeat.enter("loss all-reduce")
     return all_reduce_mean(loss / ctx.plan.grad_accum), grad_norm
+
+
+def skip_listed_batches(ctx: LoopContext, state: TrainState, batches: Iterator[Any]) -> None:
+    """Draw and drop the global batches that train.skip_batches or earlier non-finite losses name."""
+    skip = set(ctx.config.train.skip_batches) | set(state.skipped)
+    while state.batches in skip:
+        with ctx.clock.phase("data"):
+            for _ in range(ctx.plan.grad_accum):
+                next(batches)
+        log.info("skipped global batch %d before step %d", state.batches, state.step + 1)
+        state.batches += 1
 
 
 def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any | None) -> TrainState:
@@ -82,13 +117,15 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     tokens_per_step = ctx.plan.global_batch_size * ctx.facts.seq_len
     window_start, window_tokens = time.perf_counter(), 0
     last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
-    for step in range(state.step + 1, last_step + 1):
-        step_start, lr = time.perf_counter(), backend.lr
-        loss, grad_norm = train_step(ctx, batches)
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss}) at step {step}; lower train.lr or check the data"
-            )
+    ctx.clock.switch("productive")
+    while state.step < last_step:
+        skip_listed_batches(ctx, state, batches)
+        step, step_start, lr = state.step + 1, time.perf_counter(), backend.lr
+        loss, grad_norm = train_step(ctx, batches, step, state.batches)
+        state.batches += 1
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            batches = handle_nonfinite(ctx, state, loss, grad_norm, train_loader, batches)
+            continue
         state.step, state.tokens = step, state.tokens + tokens_per_step
         window_tokens += tokens_per_step
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
@@ -109,21 +146,29 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
             window_start, window_tokens = time.perf_counter(), 0
         elif progress is not None:
             progress.update(1)
+        ctx.clock.step_done(step)
         if (
             val_loader is not None
             and cfg.eval.every_steps
             and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps)
         ):
-            ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
+            with ctx.clock.phase("eval"):
+                ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
+        ctx.heartbeat.enter("stop-signal agreement")
         stop_signal = ctx.stop_signals.agreed()
         if ctx.checkpoints.due(step) or step == last_step or stop_signal:
             blocking = step == last_step or stop_signal is not None
-            ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=blocking)
+            with ctx.clock.phase("checkpoint"):
+                ctx.heartbeat.enter("checkpoint save")
+                ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=blocking)
+            ctx.clock.checkpointed(step)
             ctx.metrics.event("checkpoint", step)
         if stop_signal and step < last_step:
             ctx.metrics.event("preempted", step, signal=stop_signal)
             raise Preempted(step, stop_signal)
-    ctx.checkpoints.wait()
+    with ctx.clock.phase("checkpoint"):
+        ctx.heartbeat.enter("checkpoint save")
+        ctx.checkpoints.wait()
     if progress is not None:
         progress.close()
     return state

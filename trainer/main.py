@@ -1,23 +1,34 @@
 """Process entry point on a compute node: `python -m trainer.main CONFIG [key=value ...]`.
 
 Started once per rank by `llm-train train --nproc N`, torchrun, srun or submitit. Exit codes: 0 done,
-2 user error, 1 anything else (with the traceback in the rank's log file).
+2 user error, 1 anything else (with the traceback in the rank's log file). A failure in a multi-rank
+run names the rank that failed or stalled and what it was doing (trainer/heartbeat.py); under SLURM
+the job is then requeued, when requeues remain, to resume from the last complete checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
-from trainer.config import load_config
-from trainer.distributed import detect_env, distributed
+from trainer.config import Config, load_config
+from trainer.distributed import DistEnv, detect_env, distributed
 from trainer.errors import UserError
+from trainer.goodput import GoodputClock, format_goodput, summarize
+from trainer.heartbeat import Heartbeat, heartbeat_interval
 from trainer.logs import setup_logging
+from trainer.nonfinite import NonFiniteLossError
+from trainer.preemption import requeue
 from trainer.train import run_training
 
 log = logging.getLogger("trainer")
+
+
+class RankFailure(RuntimeError):
+    """A distributed run failed; the message names the failing or stalled rank and its phase."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,20 +36,68 @@ def main(argv: list[str] | None = None) -> int:
     # DeepSpeed calls collectives that torch deprecated, once per step: keep the logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     rank = detect_env().rank
+    clock = GoodputClock(None)
     try:
         config = load_config(argv[0] if argv else None, argv[1:])
-        setup_logging(rank, Path(config.run.dir) / "logs" / f"rank{rank}.log")
+        run_dir = Path(config.run.dir)
+        setup_logging(rank, run_dir / "logs" / f"rank{rank}.log")
+        clock = GoodputClock(run_dir if rank == 0 else None)
         with distributed(config.parallel.timeout_s) as env:
-            run_training(config, env)
+            _train(config, env, clock)
+        clock.close()
+        if rank == 0 and (summary := summarize(run_dir)):
+            log.info("goodput: %s", format_goodput(summary))
         return 0
     except UserError as error:
+        clock.close("failed")
         log.error("%s", error)
         if rank == 0:
             print(f"llm-train: error: {error}", file=sys.stderr)
         return 2
+    except RankFailure:
+        clock.close("failed")
+        return 1
+    except NonFiniteLossError as error:
+        clock.close("failed")
+        _report(str(error), error)
+        return 1
     except Exception:
+        clock.close("failed")
         log.exception("training failed on rank %d", rank)
         return 1
+
+
+def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
+    """run_training, turning a failure of a multi-rank run into a message that names the culprit."""
+    run_dir = Path(config.run.dir)
+    heartbeat = Heartbeat(run_dir, env.rank, env.world_size, heartbeat_interval(config.parallel.timeout_s))
+    try:
+        run_training(config, env, heartbeat, clock)
+    except (UserError, NonFiniteLossError):
+        raise
+    except Exception as error:
+        if env.world_size == 1:
+            raise
+        where = f"rank {env.rank} failed in '{heartbeat.phase}' of step {heartbeat.step}"
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        message = f"{where} ({cause}); {heartbeat.diagnose()}"
+        _report(message, error)  # before a requeue, which may kill this process
+        if _under_slurm():
+            requeued, why = requeue(run_dir, config.slurm.max_requeues, heartbeat.step, "failure")
+            log.warning("%s", why)
+        raise RankFailure(message) from error
+    finally:
+        heartbeat.close()
+
+
+def _report(message: str, error: BaseException) -> None:
+    """Every rank's failure on stderr (not only rank 0's, whose console is the only one), the traceback in the log."""
+    log.error("%s", message, exc_info=error)
+    print(f"llm-train: error: {message}", file=sys.stderr, flush=True)
+
+
+def _under_slurm() -> bool:
+    return "SLURM_JOB_ID" in os.environ
 
 
 if __name__ == "__main__":

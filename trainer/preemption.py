@@ -68,13 +68,28 @@ def requeue_count(run_dir: Path) -> int:
     return int(json.loads(path.read_text())["count"]) if path.is_file() else 0
 
 
-def requeue(run_dir: Path, max_requeues: int, step: int, signal_name: str) -> tuple[bool, str]:
-    """Rank 0: requeue this SLURM job if requeues remain. Returns (requeued, why)."""
+def _claim(run_dir: Path, job_id: str) -> bool:
+    """True for the first rank of this allocation to ask: after a failure every surviving rank may."""
+    marker = run_dir / f".requeue-{job_id}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def requeue(run_dir: Path, max_requeues: int, step: int, reason: str) -> tuple[bool, str]:
+    """Requeue this SLURM job if requeues remain, once per allocation. Returns (requeued, why).
+
+    `reason` is the signal's name after a preemption, or "failure" after a rank failed.
+    """
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job_id and os.environ.get("SLURM_ARRAY_TASK_ID"):
         job_id = f"{job_id}_{os.environ['SLURM_ARRAY_TASK_ID']}"
     if not job_id:
         return False, "not running under SLURM: resume by running the same command again"
+    if not _claim(run_dir, job_id):
+        return False, f"another rank requeues job {job_id}"
     count = requeue_count(run_dir)
     if count >= max_requeues:
         return False, f"slurm.max_requeues={max_requeues} reached: not requeueing; resubmit to continue"
@@ -86,7 +101,7 @@ def requeue(run_dir: Path, max_requeues: int, step: int, signal_name: str) -> tu
         {
             "job_id": job_id,
             "step": step,
-            "signal": signal_name,
+            "signal": reason,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     )

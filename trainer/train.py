@@ -14,6 +14,8 @@ from trainer.config import Config, batch_plan, write_config
 from trainer.data import DatasetInfo, build_loader, read_dataset_info
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
+from trainer.goodput import GoodputClock, summarize
+from trainer.heartbeat import Heartbeat
 from trainer.loop import LoopContext, TrainState, evaluate, train_loop
 from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.model import build_model, choose_attention, model_facts
@@ -48,7 +50,7 @@ def model_dims(config: Config, info: DatasetInfo) -> tuple[int, int]:
     return vocab, seq_len
 
 
-def run_training(config: Config, env: DistEnv) -> TrainState:
+def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: GoodputClock) -> TrainState:
     run_dir = Path(config.run.dir)
     info = read_dataset_info(config.data.path, config.data.remote)
     plan = batch_plan(config.train, env.world_size, info.seq_len)
@@ -76,14 +78,16 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
     peak = peak_tflops(config.train.peak_tflops, env.device)
     stop_signals = StopSignals()
     ctx = LoopContext(
-        config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints, stop_signals
-    )
+        config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints, stop_signals,
+        heartbeat, clock, env.rank,
+    )  # fmt: skip
     state = TrainState()
     try:
         metrics.event(
             "start", state.step, world_size=env.world_size, backend=backend.name, grad_accum=plan.grad_accum
         )
         if resume_point is not None:
+            heartbeat.enter("resume")
             state.load_state_dict(checkpoints.load(resume_point, backend, train_loader))
             metrics.event(
                 "resume",
@@ -92,11 +96,23 @@ def run_training(config: Config, env: DistEnv) -> TrainState:
                 from_world_size=resume_point.world_size,
             )
         elif val_loader is not None:
-            metrics.write({"step": state.step, **evaluate(ctx, val_loader.iter_batches(config.eval.batches))})
+            with clock.phase("eval"):
+                metrics.write(
+                    {"step": state.step, **evaluate(ctx, val_loader.iter_batches(config.eval.batches))}
+                )
+        clock.resumed_from(resume_point.step if resume_point is not None else None)
         train_loop(ctx, state, train_loader, val_loader)
+        clock.switch("shutdown")
         if state.step >= config.train.max_steps:
-            metrics.event("done", state.step, tokens=state.tokens)
+            clock.set_outcome("done")
+            clock.flush()
+            goodput = summarize(run_dir)
+            metrics.event(
+                "done", state.step, tokens=state.tokens, goodput_pct=goodput and goodput["goodput_pct"]
+            )
     except Preempted as stop:
+        clock.switch("shutdown")
+        clock.set_outcome("preempted")
         if env.is_main:
             requeued, why = requeue(run_dir, config.slurm.max_requeues, stop.step, stop.signal_name)
             log.warning("%s; %s", stop, why)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.atomic import atomic_write_bytes, atomic_write_text
 from trainer.checkpoint.manifest import MANIFEST, check_files, describe_files, list_files, read_manifest
@@ -36,13 +36,12 @@ from trainer.checkpoint.rng import rng_state, set_rng_state
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
+from trainer.fault_injection import sleep_in_save
 
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
 LATEST = "latest"
-# Test hook, "STEP:SECONDS": sleep after step STEP's shards are written, before its manifest (kill -9 tests).
-SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
 
 
 def step_dir_name(step: int) -> str:
@@ -145,6 +144,13 @@ class CheckpointManager:
             raise UserError(choice[0])
         return choice[0]
 
+    def newest_complete(self) -> ResumePoint | None:
+        """The newest verified checkpoint of this run (a rollback's target), the same on every rank."""
+        choice: list[Any] = [newest_valid_step(self.root) if self.env.is_main else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
     def _choose(self, setting: str) -> ResumePoint | str | None:
         if setting == "none":
             return None
@@ -194,22 +200,36 @@ class CheckpointManager:
     def save(
         self, step: int, train_state: dict[str, Any], backend: Any, loader: Any, blocking: bool = False
     ) -> None:
-        """Save step `step` on every rank; with checkpoint.async (FSDP) the shards are written in the background."""
+        """Save step `step` on every rank; with checkpoint.async (FSDP) the shards are written in the background.
+
+        A write that fails on any rank (disk full, quota, permissions) fails the save on every rank:
+        the step folder is removed, `latest` still names the previous step, and CheckpointWriteError
+        says where and how much space is left.
+        """
         self.wait()
         started = time.perf_counter()
         step_dir = self.root / step_dir_name(step)
+        failure = None
         if self.env.is_main:
-            if step_dir.exists():
-                shutil.rmtree(step_dir)  # an unfinished attempt at this step, or a resume=none rerun
-            (step_dir / "rng").mkdir(parents=True)
-        _barrier()
+            try:
+                if step_dir.exists():
+                    shutil.rmtree(step_dir)  # an unfinished attempt at this step, or a resume=none rerun
+                (step_dir / "rng").mkdir(parents=True)
+            except OSError as error:
+                failure = error
+        self._agree(step, step_dir, failure)
         use_async = self.config.checkpoint.async_save and not blocking and backend.supports_async
-        future = backend.save(step_dir, self._checkpoint_group() if use_async else None)
-        torch.save(rng_state(), step_dir / "rng" / f"rank{self.env.rank:05d}.pt")
-        if self.env.is_main:
-            state = {**train_state, "world_size": self.env.world_size, "data": loader.state_dict()}
-            atomic_write_text(step_dir / "train_state.json", json.dumps(state, indent=1))
-            atomic_write_text(step_dir / "config.yaml", to_yaml(self.config))
+        future = None
+        try:
+            future = backend.save(step_dir, self._checkpoint_group() if use_async else None)
+            torch.save(rng_state(), step_dir / "rng" / f"rank{self.env.rank:05d}.pt")
+            if self.env.is_main:
+                state = {**train_state, "world_size": self.env.world_size, "data": loader.state_dict()}
+                atomic_write_text(step_dir / "train_state.json", json.dumps(state, indent=1))
+                atomic_write_text(step_dir / "config.yaml", to_yaml(self.config))
+        except (Exception, CheckpointException) as error:  # torch.save reports a full disk as RuntimeError
+            failure = error
+        self._agree(step, step_dir, failure)
         if future is None:
             self._finalize(step, step_dir, None, group=None)
             log.info("checkpoint step %d saved in %.2f s", step, time.perf_counter() - started)
@@ -231,6 +251,8 @@ class CheckpointManager:
             self._pending = None
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
+            if isinstance(error, CheckpointWriteError):
+                raise error
             raise RuntimeError(f"background checkpoint save failed: {error}") from error
 
     def _finalize_in_background(self, step: int, step_dir: Path, future: Future) -> None:
@@ -239,12 +261,38 @@ class CheckpointManager:
         except BaseException as error:  # re-raised in the training thread by wait()
             self._pending_error = error
 
+    def _agree(self, step: int, step_dir: Path, failure: BaseException | None, group: Any = None) -> None:
+        """Every rank learns whether any rank failed to write; if one did, all raise the same error."""
+        if dist.is_initialized() and self.env.world_size > 1:
+            mine = None if failure is None else f"rank {self.env.rank}: {_first_line(failure, self.env.rank)}"
+            reports: list[Any] = [None] * self.env.world_size
+            dist.all_gather_object(reports, mine, group=group)
+            problems = [report for report in reports if report]
+        else:
+            problems = [] if failure is None else [_first_line(failure)]
+        if not problems:
+            return
+        free = _free_space(self.root)
+        if self.env.is_main:
+            shutil.rmtree(step_dir, ignore_errors=True)
+        previous = newest_valid_step(self.root) if self.env.is_main else None
+        raise CheckpointWriteError(
+            f"checkpoint step {step} could not be written to {step_dir} ({'; '.join(problems)}); "
+            f"{free} free there; "
+            + (f"{previous.step_dir.name} stays the newest complete checkpoint; " if previous else "")
+            + "free space (or lower checkpoint.keep_last, or point run.dir elsewhere) and run again to resume"
+        ) from failure
+
     def _finalize(self, step: int, step_dir: Path, future: Future | None, group: Any) -> None:
         """Once every rank's files are durable: checksum them (shared out), rank 0 writes the manifest."""
+        failure = None
         if future is not None:
-            future.result()
-        _barrier(group)
-        _test_sleep(step)
+            try:
+                future.result()
+            except (Exception, CheckpointException) as error:
+                failure = error
+        self._agree(step, step_dir, failure, group)
+        sleep_in_save(step)
         names = list_files(step_dir)
         mine = describe_files(step_dir, names[self.env.rank :: self.env.world_size])
         gathered: list[Any] = [None] * self.env.world_size
@@ -263,11 +311,16 @@ class CheckpointManager:
                 "versions": _versions(),
                 "files": files,
             }
-            atomic_write_bytes(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
-            atomic_write_text(self.root / LATEST, step_dir.name + "\n")
+            try:
+                atomic_write_bytes(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
+                atomic_write_text(self.root / LATEST, step_dir.name + "\n")
+            except OSError as error:
+                failure = error
+                (step_dir / MANIFEST).unlink(missing_ok=True)
+        self._agree(step, step_dir, failure, group)
+        if self.env.is_main:
             self._retain()
         self.last_saved_step = step
-        _barrier(group)
 
     def _retain(self) -> None:
         """Keep the newest `keep_last` complete steps; incomplete folders older than the newest complete go too."""
@@ -288,14 +341,21 @@ class CheckpointManager:
         return self._async_group
 
 
-def _test_sleep(step: int) -> None:
-    hook = os.environ.get(SLEEP_IN_SAVE_ENV)
-    if hook:
-        hook_step, seconds = hook.split(":")
-        if int(hook_step) == step:
-            time.sleep(float(seconds))
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is lost."""
 
 
-def _barrier(group: Any = None) -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier(group=group)
+def _first_line(error: BaseException, rank: int = 0) -> str:
+    """The gist of an error; for DCP's CheckpointException (every rank's failures), this rank's or the first."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = (error.failures.get(rank) or next(iter(error.failures.values())))[0]
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _free_space(path: Path) -> str:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            free = shutil.disk_usage(folder).free
+            return f"{free / 2**20:.1f} MiB" if free < 2**30 else f"{free / 2**30:.1f} GiB"
+    return "unknown space"

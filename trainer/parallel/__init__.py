@@ -24,7 +24,10 @@ class Backend(Protocol):
         """Forward and backward of one micro batch; returns its mean token loss, detached."""
 
     def step(self) -> float:
-        """Clip, optimizer step, schedule step, zero the gradients; returns the gradient norm before clipping."""
+        """Clip, optimizer step, schedule step, zero the gradients; returns the gradient norm before clipping.
+
+        A non-finite norm applies no update and does not move the schedule (the gradients are dropped).
+        """
 
     def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Mean token loss of one batch without gradients."""

@@ -105,7 +105,13 @@ class DeepSpeedBackend:
         return float(self.engine.get_lr()[0])
 
     def save(self, step_dir: Path, async_group: Any = None) -> None:
-        self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
+        try:
+            self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
+        except Exception:
+            # A failed write leaves this rank out of the barrier that ends DeepSpeed's save, where
+            # the other ranks wait: join it, so that the checkpoint manager can tell everyone.
+            dist.barrier()
+            raise
 
     def load(self, step_dir: Path, saved_world_size: int) -> None:
         if saved_world_size == dist.get_world_size():

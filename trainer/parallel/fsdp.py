@@ -65,8 +65,9 @@ class FSDPBackend:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        if torch.isfinite(norm):  # like DeepSpeed: no update (and no schedule step) from NaN/inf gradients
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 

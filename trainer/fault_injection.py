@@ -1,0 +1,60 @@
+"""Faults on demand, for tests of what the trainer does when things break. Inert unless the variable is set.
+
+LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep after step STEP's shards are written, before its manifest
+LLM_TRAIN_TEST_NAN_AT_BATCH="K[,K...]"        the loss of global batch K (0-based draw order) becomes NaN
+LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's loss all-reduce
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
+NAN_AT_BATCH_ENV = "LLM_TRAIN_TEST_NAN_AT_BATCH"
+STALL_ENV = "LLM_TRAIN_TEST_STALL"
+
+
+def _numbers(variable: str) -> list[float] | None:
+    value = os.environ.get(variable)
+    return [float(part) for part in value.replace(",", ":").split(":")] if value else None
+
+
+def sleep_in_save(step: int) -> None:
+    hook = _numbers(SLEEP_IN_SAVE_ENV)
+    if hook and int(hook[0]) == step:
+        time.sleep(hook[1])
+
+
+def stall(rank: int, step: int) -> None:
+    hook = _numbers(STALL_ENV)
+    if hook and int(hook[0]) == rank and int(hook[1]) == step:
+        log.warning("test hook: rank %d stalls for %.0f s at step %d", rank, hook[2], step)
+        time.sleep(hook[2])
+
+
+@contextmanager
+def nan_loss_if_chosen(module: nn.Module, batch_index: int) -> Iterator[None]:
+    """While active, the model's loss for this global batch is multiplied by NaN (so are its gradients)."""
+    chosen = _numbers(NAN_AT_BATCH_ENV)
+    if not chosen or batch_index not in {int(k) for k in chosen}:
+        yield
+        return
+
+    def poison(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        output.loss = output.loss * float("nan")
+        return output
+
+    handle = module.register_forward_hook(poison)
+    try:
+        yield
+    finally:
+        handle.remove()
