@@ -59,10 +59,12 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
     failed: int | None = None
     deadline: float | None = None
     while any(proc.poll() is None for proc in procs):
-        for proc in procs:
+        for rank, proc in enumerate(procs):
             code = proc.poll()
             if code not in (None, 0) and failed is None:
                 failed, deadline = code, time.monotonic() + grace_s
+                print(f"llm-train: rank {rank} exited with code {code}; stopping the other ranks",
+                      file=sys.stderr, flush=True)  # fmt: skip
         if deadline is not None and time.monotonic() > deadline:
             for proc in procs:
                 if proc.poll() is None:

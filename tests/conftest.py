@@ -17,6 +17,7 @@ from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from trainer_runs import BACKENDS, overrides, train  # noqa: E402
 
 DEMO_FILES = (
     "json/decoder.py",
@@ -54,3 +55,13 @@ def demo_dataset(tmp_path_factory) -> PreparedData:
     )
     stats = json.loads((out / "prepare.json").read_text())
     return PreparedData(out, stats["vocab_size"], stats["seq_len"])
+
+
+@pytest.fixture(scope="session")
+def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
+    """12 uninterrupted steps per backend, world size 2, a checkpoint every 3 steps."""
+    runs = {}
+    for backend in BACKENDS:
+        runs[backend] = tmp_path_factory.mktemp(f"straight-{backend}")
+        train(runs[backend], demo_dataset.path, nproc=2, overrides=overrides(backend))
+    return runs

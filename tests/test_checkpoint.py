@@ -7,15 +7,24 @@ import logging
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from trainer_runs import BASE_OVERRIDES, read_metrics, train
+from trainer_runs import (
+    BACKENDS,
+    BASE_OVERRIDES,
+    BATCH,
+    by_step,
+    kill_group,
+    overrides,
+    read_metrics,
+    resume_step,
+    start_training,
+    train,
+    wait_for,
+)
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
@@ -23,35 +32,9 @@ from trainer.checkpoint.manager import LATEST, step_dir_name
 from trainer.fault_injection import SLEEP_IN_SAVE_ENV
 from trainer.hf_export import full_state_dict
 
-STEPS = ["train.max_steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=4"]
-BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
-BACKENDS = ("fsdp", "deepspeed")
-
-
-def overrides(backend: str, *extra: str) -> list[str]:
-    return [f"parallel.backend={backend}", *STEPS, *BATCH, *extra]
-
-
-def by_step(records: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
-
-
-def resume_step(records: list[dict]) -> int:
-    return next(r["step"] for r in records if r.get("event") == "resume")
-
 
 def ckpt(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / step_dir_name(step)
-
-
-@pytest.fixture(scope="module")
-def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
-    """12 uninterrupted steps per backend, world size 2, a checkpoint every 3 steps."""
-    runs = {}
-    for backend in BACKENDS:
-        runs[backend] = tmp_path_factory.mktemp(f"straight-{backend}")
-        train(runs[backend], demo_dataset.path, nproc=2, overrides=overrides(backend))
-    return runs
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +99,6 @@ def test_async_save_gives_the_same_checkpoints_and_losses(straight, demo_dataset
     assert (tmp_path / "checkpoints" / LATEST).read_text().strip() == step_dir_name(12)
 
 
-def _start_training(run_dir: Path, data: Path, extra: list[str], env: dict[str, str]) -> subprocess.Popen:
-    args = [f"run.dir={run_dir}", f"data.path={data}", *BASE_OVERRIDES, *extra]
-    command = [sys.executable, "-m", "launcher.cli", "train", "tiny", *args, "--nproc", "2"]
-    return subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
-def _wait_for(predicate, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize(
     ("backend", "extra"),
     [("fsdp", ["checkpoint.async=true"]), ("deepspeed", [])],
@@ -142,16 +106,14 @@ def _wait_for(predicate, timeout: float = 120.0) -> None:
 )
 def test_kill_9_in_the_middle_of_a_save(backend, extra, straight, demo_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start_training(
-        run_dir, demo_dataset.path, overrides(backend, *extra), {SLEEP_IN_SAVE_ENV: "6:60"}
-    )
+    proc = start_training(run_dir, demo_dataset.path, overrides(backend, *extra), {SLEEP_IN_SAVE_ENV: "6:60"})
     try:
         # Step 6's shards are on disk, its manifest is not: the save is under way.
-        _wait_for(lambda: (ckpt(run_dir, 6) / "rng" / "rank00001.pt").is_file() or proc.poll() is not None)
+        wait_for(lambda: (ckpt(run_dir, 6) / "rng" / "rank00001.pt").is_file() or proc.poll() is not None)
         time.sleep(0.5)
         assert proc.poll() is None
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert not (ckpt(run_dir, 6) / "manifest.json").exists()
     assert newest_valid_step(run_dir / "checkpoints").step == 3
     records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides(backend, *extra))
@@ -168,13 +130,13 @@ def test_kill_9_in_the_middle_of_a_save(backend, extra, straight, demo_dataset, 
 def test_kill_9_at_a_random_moment(straight, demo_dataset, tmp_path):
     """Saving every step (which changes no loss) keeps the 12 steps long enough to be hit while running."""
     run_dir = tmp_path / "run"
-    proc = _start_training(run_dir, demo_dataset.path, overrides("fsdp", "checkpoint.every_steps=1"), {})
+    proc = start_training(run_dir, demo_dataset.path, overrides("fsdp", "checkpoint.every_steps=1"), {})
     try:
-        _wait_for(lambda: '"loss"' in _text(run_dir / "metrics.jsonl") or proc.poll() is not None)
+        wait_for(lambda: '"loss"' in _text(run_dir / "metrics.jsonl") or proc.poll() is not None)
         time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
         assert proc.poll() is None, "the run ended before the kill"
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     newest = newest_valid_step(run_dir / "checkpoints")
     records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides("fsdp"))
     start = resume_step(records) if newest else 0

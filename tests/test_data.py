@@ -310,7 +310,27 @@ def test_node_cache_folder_is_rank_over_local_world_size(
 def test_missing_shard_is_a_user_error_naming_it(dataset: Path) -> None:
     (dataset / "train" / "shard.00001.mds").unlink()
     with pytest.raises(UserError, match=r"shard\.00001\.mds.* is missing"):
+        read_dataset_info(dataset)  # what training calls first, before any model is built
+    with pytest.raises(UserError, match=r"shard\.00001\.mds.* is missing"):
         build_loader(DataConfig(path=str(dataset)), "train", 4, SEED)
+
+
+def test_truncated_shard_is_a_user_error_naming_it_before_training(dataset: Path) -> None:
+    shard = dataset / "val" / "shard.00000.mds"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"val/shard\.00000\.mds.* bytes, its index.json says .*truncated"):
+        read_dataset_info(dataset)
+
+
+def test_altered_byte_in_a_local_shard_is_a_user_error_naming_it(dataset: Path) -> None:
+    shard = dataset / "train" / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    read_dataset_info(dataset)
+    loader = build_loader(DataConfig(path=str(dataset)), "train", 4, SEED)
+    with pytest.raises(UserError, match=r"shard\.00001\.mds does not match the xxh64 checksum"):
+        take(loader, loader.batches_per_epoch)
 
 
 @pytest.mark.timeout(60)

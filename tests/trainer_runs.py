@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from launcher.cli import main as cli_main
@@ -17,6 +22,15 @@ BASE_OVERRIDES = [
     "eval.every_steps=0",
     "checkpoint.every_steps=1000",
 ]
+
+# The checkpoint and fault tests' runs: 12 steps, world size 2, accumulation 2, a checkpoint every 3 steps.
+STEPS = ["train.max_steps=12", "checkpoint.every_steps=3", "checkpoint.keep_last=4"]
+BATCH = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+BACKENDS = ("fsdp", "deepspeed")
+
+
+def overrides(backend: str, *extra: str) -> list[str]:
+    return [f"parallel.backend={backend}", *STEPS, *BATCH, *extra]
 
 
 def train(run_dir: Path, data: Path, nproc: int = 2, overrides: list[str] = ()) -> list[dict]:
@@ -33,3 +47,38 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(records: list[dict]) -> list[float]:
     return [r["loss"] for r in records if "loss" in r]
+
+
+def start_training(
+    run_dir: Path, data: Path, extra: list[str], env: dict[str, str], stderr: int | None = subprocess.DEVNULL
+) -> subprocess.Popen:
+    """`llm-train train --nproc 2` in the background, in its own process group (see kill_group)."""
+    args = [f"run.dir={run_dir}", f"data.path={data}", *BASE_OVERRIDES, *extra]
+    command = [sys.executable, "-m", "launcher.cli", "train", "tiny", *args, "--nproc", "2"]
+    return subprocess.Popen(command, env={**os.environ, **env}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)  # fmt: skip
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def by_step(records: list[dict]) -> dict[int, float]:
+    """Loss per step; a step logged twice (recomputed after a rollback) keeps its last value."""
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def since_last_start(records: list[dict]) -> list[dict]:
+    return records[max(i for i, r in enumerate(records) if r.get("event") == "start") :]
+
+
+def resume_step(records: list[dict]) -> int:
+    return next(r["step"] for r in records if r.get("event") == "resume")

@@ -24,6 +24,7 @@ without the threads (`_Dataset.__iter__`). See "Fast path" in `_Dataset` for whe
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import logging
 import mmap
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from streaming import StreamingDataLoader, StreamingDataset
 from streaming.base.compression import decompress
 from streaming.base.dataset import _Iterator, _IterState, _ShardState
@@ -194,6 +196,10 @@ def _read_info(source: str, key: str, scratch: Path | None) -> DatasetInfo:
             ) from error
     else:
         seq_len, vocab_size, eos_id = len(_first_tokens(source, train_index, train, scratch)), None, None
+    if scratch is None:
+        _check_shards(Path(source) / "train")
+        if val_index is not None:
+            _check_shards(Path(source) / "val")
     tokenizer = Path(source) / "tokenizer" if scratch is None else None
     return DatasetInfo(
         source=source,
@@ -206,14 +212,31 @@ def _read_info(source: str, key: str, scratch: Path | None) -> DatasetInfo:
     )
 
 
-def _check_shards_present(split_dir: Path) -> None:
-    """Name a missing shard now rather than letting streaming fail inside a worker thread."""
+def _check_shards(split_dir: Path) -> None:
+    """Name a missing or truncated shard now, before any model is built, not in a worker thread later.
+
+    A shard is fine when its raw file, or else its compressed file, has the size index.json gives;
+    its checksum is verified when it is first read (`_ShardFile`).
+    """
     for shard in _read_index(split_dir / "index.json")["shards"]:
-        names = [shard["raw_data"]["basename"]] + (
-            [shard["zip_data"]["basename"]] if shard.get("zip_data") else []
-        )
-        if not any((split_dir / name).is_file() for name in names):
-            raise UserError(f"shard '{split_dir / names[-1]}' is missing; re-run `llm-train prepare`")
+        files = [shard["raw_data"]] + ([shard["zip_data"]] if shard.get("zip_data") else [])
+        present = [
+            (split_dir / f["basename"], f["bytes"]) for f in files if (split_dir / f["basename"]).is_file()
+        ]
+        if not present:
+            raise UserError(
+                f"shard '{split_dir / files[-1]['basename']}' is missing; re-run `llm-train prepare`"
+            )
+        path, size = present[0]
+        if path.stat().st_size != size:
+            raise UserError(
+                f"shard '{path}' has {path.stat().st_size} bytes, its index.json says {size} (truncated or "
+                "damaged); re-run `llm-train prepare` or copy the dataset again"
+            )
+
+
+class DamagedShardError(RuntimeError):
+    """A local shard's bytes do not match the checksum in its index.json."""
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -328,7 +351,23 @@ class _ShardFile:
         if _UINT32.unpack_from(self._map)[0] != reader.samples:
             self._map.close()
             raise ValueError(f"{path} does not hold the sample count its index.json gives")
+        self._verify(path, reader.raw_data.hashes or {})
         self._decode = _sample_decoder(reader)
+
+    def _verify(self, path: str, hashes: dict[str, str]) -> None:
+        """Check the shard against the xxh64 (else sha1) checksum its index.json records, once per process."""
+        if "xxh64" in hashes:
+            algorithm, actual = "xxh64", xxhash.xxh64(self._map).hexdigest()
+        elif "sha1" in hashes:
+            algorithm, actual = "sha1", hashlib.sha1(self._map).hexdigest()
+        else:
+            return
+        if actual != hashes[algorithm]:
+            self._map.close()
+            raise DamagedShardError(
+                f"a shard could not be read: {path} does not match the {algorithm} checksum in its "
+                "index.json (altered or damaged)"
+            )
 
     def sample(self, index: int) -> dict[str, Any]:
         begin, end = _SAMPLE_SPAN.unpack_from(self._map, 4 + 4 * index)
@@ -711,7 +750,7 @@ def build_loader(
         local, remote = str(node_cache_dir(data.path)), data.remote
     else:
         local, remote = data.path, None
-        _check_shards_present(Path(data.path) / split)
+        _check_shards(Path(data.path) / split)
     dataset = _Dataset(
         remote=remote,
         local=local,

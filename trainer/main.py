@@ -14,6 +14,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch.distributed
+
 from trainer.config import Config, load_config
 from trainer.distributed import DistEnv, detect_env, distributed
 from trainer.errors import UserError
@@ -80,7 +82,9 @@ def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
             raise
         where = f"rank {env.rank} failed in '{heartbeat.phase}' of step {heartbeat.step}"
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        message = f"{where} ({cause}); {heartbeat.diagnose()}"
+        message = f"{where} ({cause})"
+        if _collective_failed(error):  # else this rank's own error is the cause: no one else to blame
+            message += f"; {heartbeat.diagnose()}"
         _report(message, error)  # before a requeue, which may kill this process
         if _under_slurm():
             requeued, why = requeue(run_dir, config.slurm.max_requeues, heartbeat.step, "failure")
@@ -94,6 +98,16 @@ def _report(message: str, error: BaseException) -> None:
     """Every rank's failure on stderr (not only rank 0's, whose console is the only one), the traceback in the log."""
     log.error("%s", message, exc_info=error)
     print(f"llm-train: error: {message}", file=sys.stderr, flush=True)
+
+
+def _collective_failed(error: BaseException) -> bool:
+    """Whether the error came out of a collective (a peer gone or late) rather than this rank's own code."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    text = str(error)
+    return any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")
+    )
 
 
 def _under_slurm() -> bool:

@@ -12,7 +12,9 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -184,6 +186,14 @@ def cap_driver(tracked: Tracked) -> None:
         sent.append(steps[-1])
 
 
+def kill_rank_driver(tracked: Tracked) -> None:
+    """kill -9 of rank 1's process (its pid from the heartbeat file) once the first allocation logged step 5."""
+    if "killed" not in tracked.notes and max(train_steps_since_last_start(tracked), default=0) >= 5:
+        pid = json.loads((tracked.run_dir / "heartbeats" / "rank00001.json").read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        tracked.notes["killed"] = {"pid": pid, "after_step": max(train_steps_since_last_start(tracked))}
+
+
 def llm_train(*args: str) -> subprocess.CompletedProcess[str]:
     """The console script in a fresh process (safe from the watcher thread, unlike `cli`)."""
     exe = Path(sys.executable).with_name("llm-train")
@@ -253,6 +263,7 @@ def runs(slurm_cluster, request) -> Module:
     submit("timelimit", str(time_profile), [*FSDP, "slurm.signal_lead_s=1"])
     slow_2 = write_profile(root / "slow-2-nodes.yaml", 2, "00:05:00", slow_steps(0.25, 1))
     submit("preempt", str(slow_2), FSDP, driver=preempt_driver)
+    submit("lostrank", str(slow_2), [*FSDP, "checkpoint.every_steps=3"], driver=kill_rank_driver)
     again = cli(
         "submit", "tiny", f"run.dir={root / 'preempt'}", f"data.path={data}", *FSDP, "--cluster", str(slow_2)
     )
@@ -360,6 +371,22 @@ def test_preemption_checkpoints_requeues_once_and_resumes_exactly(runs):
     assert steps == list(range(1, STEPS + 1)), "a step (and its samples) was trained twice or skipped"
     assert losses(records) == losses(runs["fsdp2"].records()), (
         "resumed losses differ from the uninterrupted run"
+    )
+
+
+def test_lost_rank_fails_the_allocation_which_requeues_and_resumes_exactly(runs):
+    tracked = assert_completed(runs, "lostrank", restarts="1")
+    killed = tracked.notes["killed"]
+    history = json.loads((tracked.run_dir / "requeues.json").read_text())
+    assert history["count"] == 1 and history["events"][0]["signal"] == "failure", history
+    first_log = (tracked.run_dir / "logs" / "rank0.log").read_text()
+    assert f"rank 1 is lost (pid {killed['pid']}" in first_log, tracked.explain()
+    records = tracked.records()
+    resumed = [r["step"] for r in records if r.get("event") == "resume"]
+    assert len(resumed) == 1 and resumed[0] % 3 == 0 and resumed[0] >= 3, records
+    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert list(by_step.values()) == losses(runs["fsdp2"].records()), (
+        "the resumed run is not the uninterrupted one"
     )
 
 
