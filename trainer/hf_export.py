@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -66,13 +66,16 @@ def full_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
         return torch.load(target, weights_only=False)["model"]
 
 
-def model_from_checkpoint(step_dir: Path) -> LoadedModel:
+def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | None = None) -> LoadedModel:
+    """The checkpoint's model (in eval mode), with its run's shape; `dropout` replaces the run's setting."""
     config: Config = load_config(step_dir / "config.yaml")
     state = full_state_dict(step_dir)
     vocab_size, n_embd = state["transformer.wte.weight"].shape
     seq_len = state["transformer.wpe.weight"].shape[0]
-    hf_config = gpt2_config(config.model, vocab_size, seq_len)
-    model = GPT2LMHeadModel(hf_config)
+    model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
+    model = GPT2LMHeadModel._from_config(
+        gpt2_config(model_config, vocab_size, seq_len), attn_implementation=attn
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
@@ -74,21 +75,21 @@ def gpt2_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> GPT2Config:
     )
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed: int) -> GPT2LMHeadModel:
-    """A full fp32 model on the CPU, initialised from `seed`, so every rank and backend starts identical."""
+def build_model(
+    cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed: int, init_from: str | None = None
+) -> GPT2LMHeadModel:
+    """A full fp32 model on the CPU, so every rank and backend starts identical: initialised from `seed`,
+    or the weights of `init_from` (default model.init_from): an exported HF folder, a run folder (its newest
+    complete checkpoint), a checkpoint step folder, or a Hugging Face model name."""
     torch.manual_seed(seed)
-    if cfg.init_from:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                cfg.init_from, attn_implementation=attn, torch_dtype=torch.float32
-            )
-        except OSError as error:
+    source = init_from or cfg.init_from
+    if source:
+        model = _pretrained(source, cfg, attn)
+        if model.config.n_positions < seq_len or model.config.vocab_size < vocab_size:
             raise UserError(
-                f"model.init_from='{cfg.init_from}' cannot be loaded ({error}); give an exported HF folder"
-            ) from error
-        if model.config.n_positions < seq_len:
-            raise UserError(
-                f"model.init_from has n_positions={model.config.n_positions} < data seq_len {seq_len}"
+                f"model.init_from='{source}' has n_positions={model.config.n_positions} and vocab_size="
+                f"{model.config.vocab_size}, the data needs {seq_len} and {vocab_size}; prepare the data with "
+                "that model's tokenizer (llm-train prepare --tokenizer FOLDER) and a seq-len it covers"
             )
     else:
         model = GPT2LMHeadModel._from_config(gpt2_config(cfg, vocab_size, seq_len), attn_implementation=attn)
@@ -98,6 +99,24 @@ def build_model(cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
     return model
+
+
+def _pretrained(source: str, cfg: ModelConfig, attn: str) -> GPT2LMHeadModel:
+    from trainer.hf_export import is_hf_folder, model_from_checkpoint, resolve_step_dir
+
+    path = Path(source).expanduser()
+    if path.exists() and not is_hf_folder(path):
+        return model_from_checkpoint(resolve_step_dir(path), attn, cfg.dropout).model.train()
+    dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source, attn_implementation=attn, torch_dtype=torch.float32, **dropout
+        )
+    except OSError as error:
+        raise UserError(
+            f"model.init_from='{source}' cannot be loaded ({str(error).splitlines()[0]}); give an exported HF "
+            "folder, a run folder, a checkpoint folder, or a model name in the local Hugging Face cache"
+        ) from error
 
 
 def set_causal_lm_loss(model: torch.nn.Module) -> None:

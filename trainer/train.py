@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.checkpoint import CheckpointManager
+from trainer.checkpoint import CheckpointManager, ResumePoint
 from trainer.config import Config, batch_plan, write_config
 from trainer.data import DatasetInfo, build_loader, read_dataset_info
 from trainer.distributed import DistEnv
@@ -50,6 +50,16 @@ def model_dims(config: Config, info: DatasetInfo) -> tuple[int, int]:
     return vocab, seq_len
 
 
+def starting_point(config: Config, checkpoints: CheckpointManager) -> tuple[ResumePoint | None, str | None]:
+    """(checkpoint to resume in full, checkpoint to take only the weights from): checkpoint.load=weights_only
+    applies to another run's checkpoint; this run's own always resume in full (requeues go on)."""
+    point = checkpoints.find_resume()
+    if point is None or config.checkpoint.load != "weights_only" or checkpoints.is_own(point):
+        return point, None
+    log.info("checkpoint.load=weights_only: weights of %s, new optimizer and schedule", point.step_dir)
+    return None, str(point.step_dir)
+
+
 def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: GoodputClock) -> TrainState:
     run_dir = Path(config.run.dir)
     info = read_dataset_info(config.data.path, config.data.remote)
@@ -58,10 +68,11 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     if env.is_main:
         write_config(config, run_dir)
         log.info("batch plan: %s", plan.describe())
+    checkpoints = CheckpointManager(config, env)
+    resume_point, weights_from = starting_point(config, checkpoints)
     seed_everything(config.run.seed)
-    model = build_model(
-        config.model, vocab_size, seq_len, choose_attention(config.model.attn, env.device), config.run.seed
-    )
+    attn = choose_attention(config.model.attn, env.device)
+    model = build_model(config.model, vocab_size, seq_len, attn, config.run.seed, init_from=weights_from)
     facts = model_facts(model, info.seq_len)
     log.info("model: %.2fM parameters, %s", facts.n_params / 1e6, config.model.size)
     backend = build_backend(config, model, plan, env)
@@ -72,8 +83,6 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
         log.warning("the dataset has no val split: no evaluation")
     elif config.eval.every_steps:
         val_loader = build_loader(config.data, "val", plan.micro_batch_size, config.run.seed, **loader_args)
-    checkpoints = CheckpointManager(config, env)
-    resume_point = checkpoints.find_resume()
     metrics = MetricsLogger(config, run_dir, enabled=env.is_main)
     peak = peak_tflops(config.train.peak_tflops, env.device)
     stop_signals = StopSignals()
@@ -83,8 +92,18 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     )  # fmt: skip
     state = TrainState()
     try:
+        origin = (
+            {"init_from": weights_from or config.model.init_from}
+            if (weights_from or config.model.init_from)
+            else {}
+        )
         metrics.event(
-            "start", state.step, world_size=env.world_size, backend=backend.name, grad_accum=plan.grad_accum
+            "start",
+            state.step,
+            world_size=env.world_size,
+            backend=backend.name,
+            grad_accum=plan.grad_accum,
+            **origin,
         )
         if resume_point is not None:
             heartbeat.enter("resume")

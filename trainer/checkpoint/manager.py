@@ -152,15 +152,26 @@ class CheckpointManager:
         return choice[0]
 
     def _choose(self, setting: str) -> ResumePoint | str | None:
+        """auto: this run's newest; a folder of another run: that, until this run has checkpoints of its own
+        (a requeued job must go on from its own progress, not start over from the folder)."""
         if setting == "none":
             return None
-        if setting != "auto":
-            folder = Path(setting)
-            manifest, problem = verify_step(folder)
-            if manifest is None:
-                return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
-            return ResumePoint(folder, manifest)
-        return newest_valid_step(self.root)
+        folder = Path(setting).absolute()
+        inside = setting != "auto" and folder.is_relative_to(self.root.absolute())
+        own = None if inside else newest_valid_step(self.root)
+        if setting == "auto" or own is not None:
+            return own
+        if (folder / "checkpoints").is_dir():  # a run folder: its newest complete step
+            point = newest_valid_step(folder / "checkpoints")
+            return point or f"checkpoint.resume='{setting}' is a run folder without a complete checkpoint"
+        manifest, problem = verify_step(folder)
+        if manifest is None:
+            return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
+        return ResumePoint(folder, manifest)
+
+    def is_own(self, point: ResumePoint) -> bool:
+        """Whether `point` is one of this run's checkpoints (rather than another run's)."""
+        return point.step_dir.absolute().is_relative_to(self.root.absolute())
 
     def load(self, point: ResumePoint, backend: Any, loader: Any) -> dict[str, Any]:
         """Restore backend shards, RNG streams and the data position; returns the train state dict."""
