@@ -13,7 +13,10 @@ import traceback
 
 from trainer.errors import UserError
 
-COMMANDS = ("prepare", "train", "submit", "status", "doctor", "cancel", "eval", "export", "generate", "demo")
+COMMANDS = (
+    "prepare", "train", "submit", "status", "doctor", "cancel", "eval", "export", "generate", "demo",
+    "compare", "plot",
+)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):

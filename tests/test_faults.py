@@ -27,7 +27,7 @@ from trainer_runs import (
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
-from trainer.fault_injection import NAN_AT_BATCH_ENV, STALL_ENV
+from trainer.fault_injection import NAN_AT_BATCH_ENV, SPIKE_AT_BATCH_ENV, STALL_ENV
 
 TIMEOUT_S = 20
 NAN_BATCH = 4  # the global batch of step 5 (0-based draw order)
@@ -230,13 +230,28 @@ def test_skip_batch_and_rollback_equal_a_run_that_never_saw_the_batch(
     assert len(by_step(records)) == 8
 
 
+def test_loss_spike_rolls_back_like_a_run_that_never_saw_the_batch(demo_dataset, tmp_path, monkeypatch):
+    """A finite spike (x10 on global batch 22, after the 20 steps the spike detector averages over)."""
+    spike_run = ["train.max_steps=25", "checkpoint.every_steps=10", *NAN_RUN[2:]]
+    reference = by_step(
+        train(tmp_path / "ref", demo_dataset.path, overrides=[*spike_run, "train.skip_batches=[22]"])
+    )
+    monkeypatch.setenv(SPIKE_AT_BATCH_ENV, "22:10")
+    extra = [*spike_run, "train.loss_spike_factor=3", "train.on_nonfinite=rollback"]
+    records = train(tmp_path / "run", demo_dataset.path, overrides=extra)
+    spike = next(r for r in records if r.get("event") == "spike")
+    assert (spike["step"], spike["batch"], spike["action"]) == (23, 22, "rollback")
+    assert next(r for r in records if r.get("event") == "rollback")["step"] == 20
+    assert by_step(records) == reference
+
+
 def test_too_many_nonfinite_steps_stop_the_run(demo_dataset, tmp_path, monkeypatch, capfd):
     monkeypatch.setenv(NAN_AT_BATCH_ENV, "2,3")
     args = [f"run.dir={tmp_path}", f"data.path={demo_dataset.path}", *BASE_OVERRIDES, *NAN_RUN,
             "train.on_nonfinite=skip_batch", "train.max_nonfinite=1"]  # fmt: skip
     assert cli_main(["train", "tiny", *args, "--nproc", "2"]) == 1
     assert (
-        "more than train.max_nonfinite=1 non-finite steps (batches [2] were dropped before)"
+        "more than train.max_nonfinite=1 bad steps (batches [2] were dropped before)"
         in capfd.readouterr().err
     )
 

@@ -98,3 +98,18 @@ def test_finetuning_on_a_second_corpus_lowers_its_val_loss(exported, second_corp
     assert cli_main(["train", "finetune-tiny", *args, "--nproc", "2"]) == 0
     after = validation_loss(load_any(tmp_path).model, str(second_corpus), batches=4)["val_loss"]
     assert after < before - 0.02, (before, after)
+
+
+def test_submit_gives_the_job_absolute_fine_tuning_paths(
+    exported, straight, demo_dataset, tmp_path, monkeypatch
+):
+    from launcher.profiles import load_profile
+    from launcher.slurm_job import prepare
+
+    monkeypatch.chdir(exported.parent)
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.path={demo_dataset.path}", f"model.init_from={exported.name}",
+                 f"checkpoint.resume={straight['fsdp']}", "checkpoint.load=weights_only"]  # fmt: skip
+    submission = prepare("finetune-tiny", overrides, load_profile("local"))
+    assert submission.config.model.init_from == str(exported)
+    assert submission.config.checkpoint.resume == str(straight["fsdp"])
+    assert submission.config.checkpoint.load == "weights_only"

@@ -1,14 +1,22 @@
-"""Validation loss of a model on a prepared dataset, in one process (`llm-train eval`)."""
+"""Validation loss of a model on prepared datasets, in one process (`llm-train eval` and `compare`),
+and the eval lines that such an evaluation adds to its run's metrics.jsonl and W&B."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, load_config
 from trainer.data import build_loader
+from trainer.errors import UserError
+from trainer.metrics import MetricsLogger
+from trainer.names import unique_names
+
+EVAL_SOURCE = "llm-train eval"
 
 
 @torch.no_grad()
@@ -22,3 +30,49 @@ def validation_loss(
     ]
     val_loss = float(torch.stack(losses).mean())
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
+
+def datasets_or_default(data: Sequence[str] | None, default: str | None, model: str | Path) -> list[str]:
+    """The --data folders given, else the model's own data.path (a run's, or the one an export recorded)."""
+    if data:
+        return list(data)
+    if default is None:
+        raise UserError(
+            f"no dataset known for '{model}'; pass --data DIR (a folder made by `llm-train prepare`)"
+        )
+    return [default]
+
+
+def validation_losses(
+    model: PreTrainedModel, data_paths: Sequence[str], batches: int
+) -> dict[str, dict[str, float]]:
+    """`validation_loss` per dataset, keyed by the dataset folder's name (made distinct, see unique_names).
+
+    The val split is read unshuffled from its start, so every model sees the same batches.
+    """
+    names = unique_names(data_paths)
+    return {
+        name: validation_loss(model, str(path), batches) for name, path in zip(names, data_paths, strict=True)
+    }
+
+
+def run_dir_of(path: str | Path) -> Path | None:
+    """The run folder that `path` (a RUN_DIR or one of its checkpoint step folders) belongs to, else None."""
+    path = Path(path)
+    candidates = [path, path.parent.parent] if path.parent.name == "checkpoints" else [path]
+    for folder in candidates:
+        if (folder / "checkpoints").is_dir() and (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def record_eval(run_dir: Path, step: int | None, results: dict[str, dict[str, float]]) -> None:
+    """Append one eval line per dataset to RUN_DIR/metrics.jsonl, mirrored to W&B as it is configured
+    for the run (log.wandb in RUN_DIR/config.yaml) under `eval/NAME/val_loss` and `eval/NAME/val_ppl`."""
+    metrics = MetricsLogger(load_config(run_dir / "config.yaml"), run_dir, enabled=True)
+    try:
+        for name, numbers in results.items():
+            record = {"step": step, **numbers, "dataset": name, "source": EVAL_SOURCE}
+            metrics.write(record, wandb_prefix=f"eval/{name}/")
+    finally:
+        metrics.close()

@@ -2,6 +2,7 @@
 
 LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep after step STEP's shards are written, before its manifest
 LLM_TRAIN_TEST_NAN_AT_BATCH="K[,K...]"        the loss of global batch K (0-based draw order) becomes NaN
+LLM_TRAIN_TEST_SPIKE_AT_BATCH="K:FACTOR"     the loss of global batch K is multiplied by FACTOR (a loss spike)
 LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's loss all-reduce
 """
 
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
 NAN_AT_BATCH_ENV = "LLM_TRAIN_TEST_NAN_AT_BATCH"
+SPIKE_AT_BATCH_ENV = "LLM_TRAIN_TEST_SPIKE_AT_BATCH"
 STALL_ENV = "LLM_TRAIN_TEST_STALL"
 
 
@@ -41,19 +43,30 @@ def stall(rank: int, step: int) -> None:
         time.sleep(hook[2])
 
 
-@contextmanager
-def nan_loss_if_chosen(module: nn.Module, batch_index: int) -> Iterator[None]:
-    """While active, the model's loss for this global batch is multiplied by NaN (so are its gradients)."""
+def _loss_factor(batch_index: int) -> float | None:
     chosen = _numbers(NAN_AT_BATCH_ENV)
-    if not chosen or batch_index not in {int(k) for k in chosen}:
+    if chosen and batch_index in {int(k) for k in chosen}:
+        return float("nan")
+    spike = _numbers(SPIKE_AT_BATCH_ENV)
+    if spike and int(spike[0]) == batch_index:
+        return spike[1]
+    return None
+
+
+@contextmanager
+def scaled_loss_if_chosen(module: nn.Module, batch_index: int) -> Iterator[None]:
+    """While active, the model's loss for this global batch (and so its gradients) is multiplied by NaN
+    or by the spike factor, when one of the hooks above names the batch."""
+    factor = _loss_factor(batch_index)
+    if factor is None:
         yield
         return
 
-    def poison(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        output.loss = output.loss * float("nan")
+    def scale(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        output.loss = output.loss * factor
         return output
 
-    handle = module.register_forward_hook(poison)
+    handle = module.register_forward_hook(scale)
     try:
         yield
     finally:

@@ -15,12 +15,12 @@ import torch
 from trainer.checkpoint import CheckpointManager
 from trainer.config import BatchPlan, Config
 from trainer.distributed import all_reduce_mean
-from trainer.fault_injection import nan_loss_if_chosen, stall
+from trainer.fault_injection import scaled_loss_if_chosen, stall
 from trainer.goodput import GoodputClock
 from trainer.heartbeat import Heartbeat
 from trainer.metrics import MetricsLogger, mfu
 from trainer.model import ModelFacts
-from trainer.nonfinite import handle_nonfinite
+from trainer.nonfinite import LossWatch, handle_bad_step
 from trainer.parallel import Backend
 from trainer.preemption import Preempted, StopSignals
 
@@ -83,7 +83,7 @@ def train_step(
     Both backends apply no update when the gradient norm is not finite.
     """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    with nan_loss_if_chosen(ctx.backend.module, batch_index):
+    with scaled_loss_if_chosen(ctx.backend.module, batch_index):
         for micro in range(ctx.plan.grad_accum):
             with ctx.clock.phase("data"):
                 ctx.heartbeat.enter("data", step)
@@ -118,14 +118,17 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     window_start, window_tokens = time.perf_counter(), 0
     last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     ctx.clock.switch("productive")
+    watch = LossWatch(cfg.train.loss_spike_factor, cfg.train.on_nonfinite)
     while state.step < last_step:
         skip_listed_batches(ctx, state, batches)
         step, step_start, lr = state.step + 1, time.perf_counter(), backend.lr
         loss, grad_norm = train_step(ctx, batches, step, state.batches)
         state.batches += 1
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            batches = handle_nonfinite(ctx, state, loss, grad_norm, train_loader, batches)
-            continue
+        bad = watch.check(loss, grad_norm)
+        if bad is not None:
+            batches = handle_bad_step(ctx, state, bad, train_loader, batches)
+            if not bad.applied:
+                continue
         state.step, state.tokens = step, state.tokens + tokens_per_step
         window_tokens += tokens_per_step
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:

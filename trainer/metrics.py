@@ -68,7 +68,8 @@ class MetricsLogger:
                 id=_wandb_run_id(run_dir),
             )
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], wandb_prefix: str = "") -> None:
+        """One line in metrics.jsonl; its numbers also go to W&B, as `wandb_prefix + key`."""
         if not self.enabled:
             return
         record = {key: _finite_or_none(value) for key, value in record.items()}
@@ -76,7 +77,9 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
             numbers = {
-                k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")
+                f"{wandb_prefix}{k}": v
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and k not in ("step", "time")
             }
             if "event" in record:
                 numbers[f"event/{record['event']}"] = 1

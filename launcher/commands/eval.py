@@ -1,11 +1,9 @@
-"""`llm-train eval RUN_DIR|CKPT_DIR|HF_DIR [--data DIR] [--batches N]`: validation loss as JSON."""
+"""`llm-train eval RUN_DIR|CKPT_DIR|HF_DIR [--data DIR ...] [--batches N] [--json]`: validation loss as JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from trainer.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,23 +13,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "model", help="RUN_DIR (newest valid checkpoint), a checkpoint step folder or an HF folder"
     )
-    parser.add_argument("--data", help="prepared dataset (default: the run's data.path)")
-    parser.add_argument("--batches", type=int, default=20, help="validation batches of 8 sequences")
+    add_data_arguments(parser, "the run's data.path")
+    parser.add_argument(
+        "--json", action="store_true", help="JSON output (the default; for symmetry with compare)"
+    )
     parser.set_defaults(handler=run)
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, default_data: str) -> None:
+    """--data (repeatable) and --batches, shared with `compare`."""
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="DIR",
+        help=f"prepared dataset; repeat for several (default: {default_data})",
+    )
+    parser.add_argument(
+        "--batches", type=_positive, default=20, help="validation batches of 8 sequences (default 20)"
+    )
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    from trainer.evaluation import validation_loss
+    """One dataset: `{"step", "val_loss", "val_ppl"}`; several: `{"step", "datasets": {NAME: {...}}}`.
+
+    A RUN_DIR or one of its step folders also gets the results as eval lines in its metrics.jsonl (and W&B).
+    """
+    from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, validation_losses
     from trainer.hf_export import load_any
 
-    if args.batches < 1:
-        raise UserError(f"--batches {args.batches} must be at least 1")
     loaded = load_any(args.model)
-    data = args.data or loaded.data_path
-    if data is None:
-        raise UserError(
-            f"no dataset known for '{args.model}'; pass --data DIR (a folder made by `llm-train prepare`)"
-        )
-    result = {"step": loaded.step, **validation_loss(loaded.model, data, args.batches)}
-    print(json.dumps(result))
+    results = validation_losses(
+        loaded.model, datasets_or_default(args.data, loaded.data_path, args.model), args.batches
+    )
+    run_dir = run_dir_of(args.model)
+    if run_dir is not None:
+        record_eval(run_dir, loaded.step, results)
+    if len(results) == 1:
+        print(json.dumps({"step": loaded.step, **next(iter(results.values()))}))
+    else:
+        print(json.dumps({"step": loaded.step, "datasets": results}))
     return 0
