@@ -16,8 +16,15 @@ from trainer.atomic import atomic_write_bytes
 from trainer.errors import UserError
 from trainer.names import unique_names
 
-MARKED_EVENTS = ("preempted", "requeued", "resume", "rollback", "nonfinite")
-EVENT_STYLES = {"preempted": ":", "requeued": "-.", "resume": "--", "rollback": (0, (1, 3)), "nonfinite": "-"}
+MARKED_EVENTS = ("preempted", "requeued", "resume", "rollback", "nonfinite", "spike")
+EVENT_STYLES = {
+    "preempted": ":",
+    "requeued": "-.",
+    "resume": "--",
+    "rollback": (0, (1, 3)),
+    "nonfinite": "-",
+    "spike": "-",
+}
 DPI = 100
 FORMATS = ("png", "svg", "pdf")
 MIN_PIXELS, MAX_PIXELS = 100, 20000

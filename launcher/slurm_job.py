@@ -55,13 +55,17 @@ class Submission:
 
 
 def _absolute(value: str | None) -> str | None:
-    """An absolute path as the user wrote it (symlinks kept: they may resolve differently on compute nodes)."""
-    return None if value is None or "://" in value else os.path.abspath(os.path.expanduser(value))
+    """An absolute path as the user wrote it (symlinks kept: they may resolve differently on compute nodes);
+    a URL as it is."""
+    return value if value is None or "://" in value else os.path.abspath(os.path.expanduser(value))
 
 
 def _with_absolute_paths(config: Config) -> Config:
     """Paths resolved against the submit directory: the job may start anywhere."""
-    data = replace(config.data, path=_absolute(config.data.path), remote=_absolute(config.data.remote))
+    streams = [replace(s, path=_absolute(s.path), remote=_absolute(s.remote)) for s in config.data.streams]
+    data = replace(
+        config.data, path=_absolute(config.data.path), remote=_absolute(config.data.remote), streams=streams
+    )
     checkpoint = config.checkpoint
     if checkpoint.resume not in ("auto", "none"):
         checkpoint = replace(checkpoint, resume=_absolute(checkpoint.resume))
@@ -75,9 +79,11 @@ def _with_absolute_paths(config: Config) -> Config:
 def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> Submission:
     """Resolve and validate the run config for this profile: a bad config never reaches the queue."""
     from trainer.data import read_dataset_info  # torch and streaming: not for `llm-train --help`
+    from trainer.mixture import check_mixture
 
     config = _with_absolute_paths(load_config(config_arg, overrides))
     info = read_dataset_info(config.data.path, config.data.remote)
+    check_mixture(config.data, info)
     try:
         plan = batch_plan(config.train, profile.world_size, info.seq_len)
     except UserError as error:

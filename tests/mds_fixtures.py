@@ -26,15 +26,18 @@ def write_split(
     vocab_size: int = 512,
     encoding: str = "ndarray:uint16",
     size_limit: int = 1024,
+    first_id: int = 0,
 ) -> None:
-    """Write one MDS split of `num_samples` samples (several small shards, hashes on)."""
-    if num_samples > vocab_size:
-        raise ValueError("sample ids are stored in the first token; keep num_samples <= vocab_size")
+    """Write one MDS split of `num_samples` samples, ids from `first_id` (several small shards, hashes on)."""
+    if first_id + num_samples > vocab_size:
+        raise ValueError(
+            "sample ids are stored in the first token; keep first_id + num_samples <= vocab_size"
+        )
     dtype = np.int64 if encoding == "bytes" else np.dtype(encoding.split(":")[1])
     with MDSWriter(
         out=str(out), columns={"tokens": encoding}, hashes=["sha1", "xxh64"], size_limit=size_limit
     ) as writer:
-        for index in range(num_samples):
+        for index in range(first_id, first_id + num_samples):
             tokens = sample_tokens(index, seq_len, vocab_size).astype(dtype)
             writer.write({"tokens": tokens.tobytes() if encoding == "bytes" else tokens})
 
@@ -47,12 +50,17 @@ def write_dataset(
     vocab_size: int = 512,
     encoding: str = "ndarray:uint16",
     prepare_json: bool = True,
+    first_id: int = 0,
 ) -> Path:
-    """A prepared dataset folder: train/, val/ and (unless told not to) prepare.json."""
+    """A prepared dataset folder: train/, val/ and (unless told not to) prepare.json.
+
+    Sample ids (the first token) start at `first_id` in each split: datasets mixed in a test get
+    ranges of their own.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    write_split(root / "train", train_samples, seq_len, vocab_size, encoding)
+    write_split(root / "train", train_samples, seq_len, vocab_size, encoding, first_id=first_id)
     if val_samples:
-        write_split(root / "val", val_samples, seq_len, vocab_size, encoding)
+        write_split(root / "val", val_samples, seq_len, vocab_size, encoding, first_id=first_id)
     if prepare_json:
         stats = {
             "files": 1,

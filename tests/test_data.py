@@ -20,15 +20,9 @@ from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
 
-from trainer.config import DataConfig
-from trainer.data import (
-    TokenBatches,
-    _Dataset,
-    _read_info,
-    build_loader,
-    node_cache_dir,
-    read_dataset_info,
-)
+from trainer.config import DataConfig, StreamConfig
+from trainer.data import TokenBatches, _Dataset, build_loader, read_dataset_info
+from trainer.dataset_info import _read_info, node_cache_dir
 from trainer.errors import UserError
 
 SEED = 17
@@ -171,7 +165,8 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, tasks: list[dict[str, Any]], out: str) -> None:
-    """One rank of a local job: run each task's loader and write what it yielded."""
+    """One rank of a local job: run each task's loader (of `path`, or of a mixture of `streams`) and
+    write what it yielded."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -180,8 +175,13 @@ def _rank_main(rank: int, world_size: int, port: int, tasks: list[dict[str, Any]
     try:
         results = []
         for task in tasks:
+            streams = [StreamConfig(**stream) for stream in task.get("streams", [])]
             loader = build_loader(
-                DataConfig(path=task["path"]), "train", task["micro"], SEED, global_batch_size=4
+                DataConfig(path=task["path"], streams=streams),
+                "train",
+                task["micro"],
+                SEED,
+                global_batch_size=4,
             )
             if task["resume"]:
                 loader.load_state_dict(task["resume"])

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,8 @@ class Stderr:
     """A background process's stderr lines, each with the time it arrived."""
 
     def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc = proc
+        self.returncode: int | None = None
         self.lines: list[tuple[float, str]] = []
         self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
         self._thread.start()
@@ -44,6 +48,9 @@ class Stderr:
     def _read(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
             self.lines.append((time.monotonic(), line.rstrip()))
+
+    def ended(self) -> bool:
+        return self.proc.poll() is not None
 
     def first(self, text: str) -> tuple[float, str] | None:
         return next(((t, line) for t, line in self.lines if text in line), None)
@@ -62,27 +69,40 @@ def _train_steps(run_dir: Path) -> int:
 # --- lost and stalled ranks ------------------------------------------------------------------------
 
 
-def test_killed_rank_is_named_by_the_survivor_and_the_resume_matches(straight, demo_dataset, tmp_path):
-    run_dir = tmp_path / "run"
-    extra = [*overrides("fsdp", f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every_steps=1")]
-    proc = start_training(run_dir, demo_dataset.path, extra, {}, stderr=subprocess.PIPE)
+@contextmanager
+def _run_to_fail(run_dir: Path, data: Path, extra: list[str], env: dict[str, str]) -> Iterator[Stderr]:
+    """A background 2-rank run whose stderr is followed; killed at the end if still alive."""
+    proc = start_training(run_dir, data, extra, env, stderr=subprocess.PIPE)
     stderr = Stderr(proc)
     try:
-        wait_for(lambda: _train_steps(run_dir) >= 4 or proc.poll() is not None)
-        assert proc.poll() is None, stderr.text()
-        victim = json.loads((run_dir / "heartbeats" / "rank00001.json").read_text())["pid"]
-        killed_at = time.monotonic()
-        os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: stderr.first("rank 0 failed in") is not None or proc.poll() is not None, 60)
-        proc.wait(timeout=60)
+        yield stderr
     finally:
         if proc.poll() is None:
             kill_group(proc)
+        stderr.returncode = proc.wait(timeout=60)
+
+
+def _survivor_report(stderr: Stderr, timeout: float) -> tuple[float, str]:
+    """When rank 0 reported its failure, and the report."""
+    wait_for(lambda: stderr.first("rank 0 failed in") is not None or stderr.ended(), timeout)
     report = stderr.first("rank 0 failed in")
     assert report is not None, stderr.text()
-    assert report[0] - killed_at <= TIMEOUT_S + 10
-    assert f"rank 1 is lost (pid {victim}" in report[1]
-    assert proc.returncode != 0
+    return report
+
+
+def test_killed_rank_is_named_by_the_survivor_and_the_resume_matches(straight, demo_dataset, tmp_path):
+    run_dir = tmp_path / "run"
+    extra = [*overrides("fsdp", f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every_steps=1")]
+    with _run_to_fail(run_dir, demo_dataset.path, extra, {}) as stderr:
+        wait_for(lambda: _train_steps(run_dir) >= 4 or stderr.ended())
+        assert not stderr.ended(), stderr.text()
+        victim = json.loads((run_dir / "heartbeats" / "rank00001.json").read_text())["pid"]
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        reported_at, report = _survivor_report(stderr, 60)
+    assert reported_at - killed_at <= TIMEOUT_S + 10
+    assert f"rank 1 is lost (pid {victim}" in report
+    assert stderr.returncode != 0
     # The last complete checkpoint is intact, and a resume from it recomputes the straight run exactly.
     newest = newest_valid_step(run_dir / "checkpoints").step
     records = since_last_start(train(run_dir, demo_dataset.path, nproc=2, overrides=overrides("fsdp")))
@@ -94,32 +114,20 @@ def test_killed_rank_is_named_by_the_survivor_and_the_resume_matches(straight, d
 def test_stalled_rank_is_named_within_the_collective_timeout(demo_dataset, tmp_path):
     run_dir = tmp_path / "run"
     extra = overrides("fsdp", f"parallel.timeout_s={TIMEOUT_S}")
-    proc = start_training(run_dir, demo_dataset.path, extra, {STALL_ENV: "1:3:600"}, stderr=subprocess.PIPE)
-    stderr = Stderr(proc)
     rank1_log = run_dir / "logs" / "rank1.log"
-    try:
+    with _run_to_fail(run_dir, demo_dataset.path, extra, {STALL_ENV: "1:3:600"}) as stderr:
         wait_for(
-            lambda: (
-                "stalls for" in (rank1_log.read_text() if rank1_log.is_file() else "")
-                or proc.poll() is not None
-            )
+            lambda: "stalls for" in (rank1_log.read_text() if rank1_log.is_file() else "") or stderr.ended()
         )
         stalled_at = time.monotonic()
-        wait_for(
-            lambda: stderr.first("rank 0 failed in") is not None or proc.poll() is not None, TIMEOUT_S + 30
-        )
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
-    report = stderr.first("rank 0 failed in")
-    assert report is not None, stderr.text()
-    assert TIMEOUT_S - 2 <= report[0] - stalled_at <= TIMEOUT_S + 10
-    assert "rank 1 stalled in 'forward/backward' of step 3" in report[1], report[1]
-    assert "this rank waits in 'optimizer step' of step 3" in report[1]
+        reported_at, report = _survivor_report(stderr, TIMEOUT_S + 30)
+        wait_for(stderr.ended, 60)
+    assert TIMEOUT_S - 2 <= reported_at - stalled_at <= TIMEOUT_S + 10
+    assert "rank 1 stalled in 'forward/backward' of step 3" in report, report
+    assert "this rank waits in 'optimizer step' of step 3" in report
     exited = stderr.first("rank 0 exited with code 1")
     assert exited is not None and exited[0] - stalled_at <= TIMEOUT_S + 10, stderr.text()
-    assert proc.returncode == 1
+    assert stderr.returncode == 1
 
 
 # --- full disk -------------------------------------------------------------------------------------

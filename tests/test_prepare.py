@@ -603,3 +603,173 @@ def test_error_from_the_installed_command_is_one_line_without_traceback(tmp_path
     assert result.stderr.strip().splitlines() == [
         f"llm-train: error: --input {missing}: no such file or folder; check the path"
     ]
+
+
+# --- --append-to ---------------------------------------------------------------------------------
+
+NEW_TEXTS = [_text(seed, sentences=12) for seed in range(300, 312)]
+
+
+@pytest.fixture(scope="module")
+def appended(
+    prepared: tuple[Path, dict], corpus: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """`prepared` plus 14 new files, via the CLI: 12 new documents, one of them twice, and one that the
+    parent holds already (kept: dedupe covers the new documents only)."""
+    parent = prepared[0]
+    root = tmp_path_factory.mktemp("new-documents")
+    for index, text in enumerate(NEW_TEXTS):
+        _write(root / f"n_{index:02d}.txt", text)
+    _write(root / "n_dup.txt", NEW_TEXTS[0])
+    _write(root / "n_old.txt", corpus[1][0])
+    before = tree(parent)
+    out = tmp_path_factory.mktemp("appended") / "v2"
+    args = ["--input", str(root / "*"), "--append-to", str(parent), "--out", str(out), "--min-chars", "20"]
+    assert run_cli(*args, "--workers", "1") == 0
+    stats = json.loads((out / "prepare.json").read_text())
+    return {"out": out, "stats": stats, "texts": [*NEW_TEXTS, corpus[1][0]], "parent_before": before}
+
+
+def test_append_keeps_the_parent_shards_byte_identical_and_the_parent_untouched(
+    prepared: tuple[Path, dict], appended: dict
+) -> None:
+    parent, out = prepared[0], appended["out"]
+    assert tree(parent) == appended["parent_before"]
+    for split in ("train", "val"):
+        old = json.loads((parent / split / "index.json").read_text())["shards"]
+        new = json.loads((out / split / "index.json").read_text())["shards"]
+        assert new[: len(old)] == old  # same names, sizes and hashes
+        for shard in old:
+            name = shard["raw_data"]["basename"]
+            assert (out / split / name).read_bytes() == (parent / split / name).read_bytes()
+            assert (out / split / name).stat().st_ino == (parent / split / name).stat().st_ino  # a hard link
+        names = [shard["raw_data"]["basename"] for shard in new]
+        assert len(set(names)) == len(names) and sorted(
+            p.name for p in (out / split).glob("*.mds")
+        ) == sorted(names)
+    assert len(json.loads((out / "train" / "index.json").read_text())["shards"]) > len(
+        json.loads((parent / "train" / "index.json").read_text())["shards"]
+    )
+
+
+def test_append_adds_the_new_documents_split_and_packed_by_the_parents_rules(
+    prepared: tuple[Path, dict], appended: dict
+) -> None:
+    from transformers import AutoTokenizer
+
+    parent, parent_stats = prepared
+    out, stats, texts = appended["out"], appended["stats"], appended["texts"]
+    new = stats["appended"]
+    assert (new["documents"], new["duplicates"], new["kept_documents"]) == (14, 1, 13)
+    assert (stats["parent"], stats["version"], stats["val_threshold"]) == (
+        str(parent),
+        2,
+        parent_stats["val_threshold"],
+    )
+    for key in ("documents", "duplicates", "kept_documents", "tokens", "train_samples", "val_samples"):
+        assert stats[key] == parent_stats[key] + new[key], key
+    train, val = expected_streams(out, texts)  # the new documents alone, split by the parent's threshold
+    seq_len = stats["seq_len"]
+    for name, stream in (("train", train), ("val", val)):
+        samples = read_split(out / name)
+        old = read_split(parent / name)
+        assert len(samples) == stats[f"{name}_samples"] == len(old) + len(stream) // seq_len
+        assert [s.tolist() for s in samples[: len(old)]] == [s.tolist() for s in old]
+        written = np.concatenate(samples[len(old) :]).tolist() if len(samples) > len(old) else []
+        assert written == stream[: len(written)]
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    first_new = tokenizer.decode(read_split(out / "train")[parent_stats["train_samples"]])
+    assert any(text.startswith(first_new) for text in NEW_TEXTS)  # a new document's first 32 tokens
+    assert tree(out / "tokenizer") == tree(parent / "tokenizer")
+
+
+def test_appended_dataset_is_read_whole_by_the_training_loader(appended: dict) -> None:
+    from trainer.config import DataConfig
+    from trainer.data import build_loader
+
+    out = appended["out"]
+    for split in ("train", "val"):
+        loader = build_loader(DataConfig(path=str(out)), split, 1, 0, shuffle=False)
+        read = [batch["input_ids"][0].tolist() for batch in loader.iter_batches()]
+        assert read == [sample.tolist() for sample in read_split(out / split)]
+        assert len(read) == appended["stats"][f"{split}_samples"]
+
+
+def test_appending_again_continues_the_versions_and_the_shard_numbers(appended: dict, tmp_path: Path) -> None:
+    v2 = appended["out"]
+    before = tree(v2)
+    _write(tmp_path / "more.txt", _text(400, sentences=40))
+    stats = run_prepare(
+        PrepareOptions(inputs=[str(tmp_path / "more.txt")], out=tmp_path / "v3", append_to=v2, workers=1)
+    )
+    assert (stats["version"], stats["parent"]) == (3, str(v2))
+    assert stats["train_samples"] == appended["stats"]["train_samples"] + stats["appended"]["train_samples"]
+    shards = json.loads((tmp_path / "v3" / "train" / "index.json").read_text())["shards"]
+    names = [shard["raw_data"]["basename"] for shard in shards]
+    assert names == [f"shard.{index:05d}.mds" for index in range(len(names))]
+    assert tree(v2) == before
+
+
+def test_append_to_a_compressed_dataset_renames_the_compressed_shards(
+    corpus: tuple[Path, list[str]], small_tokenizer: Path, tmp_path: Path
+) -> None:
+    inputs = [str(corpus[0] / "a_*.txt")]
+    tokenizer = str(small_tokenizer)
+    run_prepare(
+        PrepareOptions(
+            inputs=inputs, out=tmp_path / "v1", tokenizer=tokenizer, seq_len=16, compression="zstd", workers=1
+        )
+    )
+    for seed in range(500, 503):
+        _write(tmp_path / "new" / f"{seed}.txt", _text(seed))
+    stats = run_prepare(
+        PrepareOptions(
+            inputs=[str(tmp_path / "new")], out=tmp_path / "v2", append_to=tmp_path / "v1", workers=1
+        )
+    )
+    assert stats["appended"]["compression"] == "zstd"
+    for split in ("train", "val"):
+        shards = json.loads((tmp_path / "v2" / split / "index.json").read_text())["shards"]
+        for index, shard in enumerate(shards):
+            assert shard["zip_data"]["basename"] == f"shard.{index:05d}.mds.zstd"
+            assert (tmp_path / "v2" / split / shard["zip_data"]["basename"]).is_file()
+        assert len(read_split(tmp_path / "v2" / split)) == stats[f"{split}_samples"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--tokenizer", "bpe:300"], "--tokenizer bpe:300: --append-to tokenizes with"),
+        (["--seq-len", "16"], "--seq-len 16: --append-to"),
+        (["--val-fraction", "0.5"], "--val-fraction 0.5: --append-to splits new documents by"),
+    ],
+)
+def test_error_append_to_with_an_option_the_parent_decides(
+    prepared: tuple[Path, dict],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    expected: str,
+) -> None:
+    _write(tmp_path / "a.txt", _text(1))
+    args = ["--input", str(tmp_path / "a.txt"), "--append-to", str(prepared[0]), "--out", str(tmp_path / "o")]
+    assert run_cli(*args, *extra) == 2
+    line = error_line(capsys)
+    assert expected in line and "leave" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_error_append_to_itself_or_to_a_folder_that_is_no_dataset(
+    prepared: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parent = prepared[0]
+    before = tree(parent)
+    _write(tmp_path / "a.txt", _text(1))
+    source = ["--input", str(tmp_path / "a.txt")]
+    assert run_cli(*source, "--append-to", str(parent), "--out", str(parent), "--overwrite") == 2
+    assert f"--out {parent}: must be a new folder outside --append-to" in error_line(capsys)
+    assert tree(parent) == before
+    assert run_cli(*source, "--append-to", str(tmp_path), "--out", str(tmp_path / "o")) == 2
+    assert f"--append-to {tmp_path}: not a dataset made by `llm-train prepare`" in error_line(capsys)
+    assert run_cli(*source, "--out", str(tmp_path / "o"), "--seq-len", "8") == 2
+    assert "--tokenizer is required (or --append-to DIR" in error_line(capsys)

@@ -31,6 +31,7 @@ PRECISIONS = ("bf16", "fp32", "fp16")
 WANDB_MODES = ("auto", "off", "offline", "online")
 NONFINITE_ACTIONS = ("stop", "skip_batch", "rollback")
 RESUME_MODES = ("auto", "none")
+LOAD_MODES = ("full", "weights_only")
 
 
 @dataclass
@@ -44,10 +45,23 @@ class RunConfig:
 
 
 @dataclass
+class StreamConfig:
+    """One prepared dataset of a `data.streams` mixture."""
+
+    path: str = MISSING
+    """Its local MDS folder, or with `remote` set the cache folder it is streamed into (as data.path)."""
+    remote: str | None = None
+    """Optional remote or shared MDS location of this dataset (as data.remote)."""
+    proportion: float = MISSING
+    """Its share of every training epoch, relative to the other streams' (0.75 and 0.25 = 3:1)."""
+
+
+@dataclass
 class DataConfig:
     path: str = MISSING
     """Local MDS dataset folder made by `llm-train prepare` (train/ and val/ inside). Required.
-    With `remote` set, this is the cache folder the shards are streamed into (one sub-folder per node)."""
+    With `remote` set, this is the cache folder the shards are streamed into (one sub-folder per node).
+    With `streams` set, it still gives the val split, the tokenizer and the model's vocab_size/seq_len."""
     remote: str | None = None
     """Optional remote or shared MDS location (s3://, gs://, or a shared filesystem path)."""
     num_workers: int = 0
@@ -58,6 +72,30 @@ class DataConfig:
     """Shuffle the training samples (deterministic, seeded by run.seed)."""
     shuffle_block_size: int | None = None
     """streaming's shuffle block size; None lets streaming choose."""
+    streams: list[StreamConfig] = field(default_factory=list)
+    """Train on a mixture: a list of {path, remote, proportion}, each a prepared dataset with data.path's
+    seq_len, vocab_size and eos_id, sampled in the given proportions (up- or down-sampled by streaming).
+    Empty: train on data.path alone. Validation always reads data.path's val split."""
+    epoch_size: int | None = None
+    """Samples per epoch of a data.streams mixture; None: the streams' samples added up."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with the data.streams and data.epoch_size settings, one item per problem."""
+        problems = [
+            f"data.streams[{index}].proportion={stream.proportion} must be > 0 (remove the stream instead)"
+            for index, stream in enumerate(self.streams)
+            if not stream.proportion > 0 or stream.proportion == float("inf")
+        ]
+        paths = [stream.path for stream in self.streams]
+        problems += [
+            f"data.streams lists '{path}' twice; give each dataset once, with its whole proportion"
+            for path in sorted({path for path in paths if paths.count(path) > 1})
+        ]
+        if self.epoch_size is not None and not self.streams:
+            problems.append("data.epoch_size needs data.streams; leave it unset for a single data.path")
+        elif self.epoch_size is not None and self.epoch_size < 1:
+            problems.append(f"data.epoch_size={self.epoch_size} must be >= 1")
+        return problems
 
 
 @dataclass
@@ -126,7 +164,10 @@ class TrainConfig:
     """A NaN/inf loss or gradient norm: stop | skip_batch (drop the batch, retry the step with the next one) |
     rollback (reload the newest checkpoint, skip the offending batch, go on). Either way no update is applied."""
     max_nonfinite: int = 3
-    """skip_batch/rollback: how many non-finite steps a run tolerates before it stops."""
+    """skip_batch/rollback: how many non-finite steps (and loss spikes) a run tolerates before it stops."""
+    loss_spike_factor: float = 0.0
+    """A loss above this many times the mean of the previous 20 steps' is a spike, handled by on_nonfinite
+    (stop, or rollback; skip_batch only logs it: its update is applied); 0 disables."""
     skip_batches: list[int] = field(default_factory=list)
     """Global batch indices (0-based, in the order the run draws them) never trained on, e.g. around a loss spike."""
 
@@ -141,7 +182,10 @@ class CheckpointConfig:
     async_save: bool = False
     """YAML key `checkpoint.async`: write FSDP shards in the background while training goes on."""
     resume: str = "auto"
-    """auto (newest valid checkpoint in run.dir) | none | a checkpoint folder."""
+    """auto (newest valid checkpoint in run.dir) | none | a checkpoint folder (or a run folder: its newest)."""
+    load: str = "full"
+    """full | weights_only: from a checkpoint.resume folder take only the weights, with a new optimizer,
+    schedule and data order from step 0 (fine-tuning). The run's own checkpoints always resume in full."""
 
 
 @dataclass
@@ -315,6 +359,7 @@ def _range_problems(config: Config) -> list[str]:
         ("parallel.timeout_s", config.parallel.timeout_s, 1),
         ("slurm.max_requeues", config.slurm.max_requeues, 0),
         ("train.max_nonfinite", config.train.max_nonfinite, 0),
+        ("train.loss_spike_factor", config.train.loss_spike_factor, 0),
         ("train.grad_clip", config.train.grad_clip, 0),
         ("train.lr", config.train.lr, 0),
         ("train.min_lr", config.train.min_lr, 0),
@@ -324,7 +369,7 @@ def _range_problems(config: Config) -> list[str]:
 
 def validate(config: Config) -> None:
     """Report every problem at once, in one line, each naming its key."""
-    problems = _range_problems(config)
+    problems = _range_problems(config) + config.data.problems()
     choices = [
         ("model.size", config.model.size, tuple(MODEL_SHAPES)),
         ("model.attn", config.model.attn, ATTENTION),
@@ -332,6 +377,7 @@ def validate(config: Config) -> None:
         ("train.precision", config.train.precision, PRECISIONS),
         ("log.wandb", config.log.wandb, WANDB_MODES),
         ("train.on_nonfinite", config.train.on_nonfinite, NONFINITE_ACTIONS),
+        ("checkpoint.load", config.checkpoint.load, LOAD_MODES),
     ]
     problems += [
         f"{key}='{value}' is not one of {', '.join(allowed)}"

@@ -1,5 +1,9 @@
 """Training data: prepared MDS datasets read with mosaicml-streaming, resumable mid-epoch.
 
+What a dataset holds is read by `trainer.dataset_info`; which datasets a split reads (data.path, or
+for train a data.streams mixture, whose samples streaming concatenates into one sample space) is
+`trainer.mixture`. Everything below applies to a mixture as to a single dataset.
+
 Sample order. `StreamingDataset` lays every epoch out as one global sequence that depends only on
 the sample count, `num_canonical_nodes`, the shuffle seed, algorithm and block size and the epoch
 number, then deals it out so that micro-batch `b` of all ranks together holds the global positions
@@ -25,16 +29,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import logging
 import mmap
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from threading import Event
 from typing import Any
 
@@ -42,21 +42,18 @@ import numpy as np
 import torch
 import xxhash
 from streaming import StreamingDataLoader, StreamingDataset
-from streaming.base.compression import decompress
 from streaming.base.dataset import _Iterator, _IterState, _ShardState
-from streaming.base.format import reader_from_json
 from streaming.base.format.mds import MDSReader
 from streaming.base.format.mds.encodings import NDArray, mds_decode
-from streaming.base.storage import CloudDownloader
 from streaming.base.util import clean_stale_shared_memory
 
 from trainer.config import DataConfig
+from trainer.dataset_info import PREPARE_HINT, DatasetInfo, as_tokens, read_dataset_info
 from trainer.errors import UserError
+from trainer.mixture import describe, reseed_weights, split_streams
 
 logger = logging.getLogger(__name__)
 
-_PREPARE_HINT = "run `llm-train prepare` to make a dataset"
-_REQUIRED_STATS = ("seq_len", "vocab_size", "eos_id")
 # Messages of streaming's errors that mean a shard is missing or damaged (not a bug of ours).
 _SHARD_PROBLEMS = ("a shard could not be read", "Background thread failed")
 _shm_cleaned = False
@@ -65,174 +62,6 @@ _UINT32 = struct.Struct("=I")
 _SAMPLE_SPAN = struct.Struct("=II")  # begin and end of sample i, at byte 4 + 4 * i of a shard
 _SHAPE_DIM = {code: struct.Struct("=" + "BHIQ"[code]) for code in range(4)}  # NDArray's shape dtypes
 _MAX_OPEN_SHARDS = 1024  # memory maps kept open per process (each is one entry of vm.max_map_count)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What training needs to know about a prepared dataset before reading it."""
-
-    source: str
-    """The folder (or remote) the dataset is read from."""
-    seq_len: int
-    vocab_size: int | None
-    """None when the dataset has no prepare.json: take it from model.vocab_size."""
-    eos_id: int | None
-    train_samples: int
-    val_samples: int
-    tokenizer_dir: Path | None
-    """`tokenizer/` of a dataset in a folder, None when absent or at a URL."""
-
-
-def node_cache_dir(path: str | Path) -> Path:
-    """The node-local cache folder `{path}/node-{RANK // LOCAL_WORLD_SIZE}` for a remote dataset."""
-    rank = int(os.environ.get("RANK", 0))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return Path(path) / f"node-{rank // local_world_size}"
-
-
-def _is_url(location: str) -> bool:
-    return "://" in location
-
-
-def _fetch(source: str, relative: str, scratch: Path | None) -> Path | None:
-    """A local path of `source/relative` (downloaded into `scratch` for a URL), or None if absent."""
-    if scratch is None:
-        path = Path(source) / relative
-        return path if path.exists() else None
-    url = f"{source.rstrip('/')}/{relative}"
-    try:
-        CloudDownloader.direct_download(url, str(scratch / relative))
-    except FileNotFoundError:
-        return None
-    except Exception as error:  # credentials, network, unsupported scheme: one line for the user
-        raise UserError(f"cannot download {url}: {str(error).splitlines()[0]}") from error
-    return scratch / relative
-
-
-def _read_index(path: Path) -> dict[str, Any]:
-    """Load an MDS index.json and check that its shards hold a usable `tokens` column."""
-    try:
-        index = json.loads(path.read_text())
-        shards = index["shards"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserError(f"'{path}' is not a valid MDS index ({error}); re-run `llm-train prepare`") from error
-    if not shards:
-        raise UserError(f"'{path}' lists no shards; re-run `llm-train prepare`")
-    columns = dict(
-        zip(shards[0].get("column_names", []), shards[0].get("column_encodings", []), strict=False)
-    )
-    encoding = columns.get("tokens", "")
-    if not (encoding.startswith("ndarray") or encoding == "bytes"):
-        found = ", ".join(f"{name}: {enc}" for name, enc in columns.items()) or "none"
-        raise UserError(
-            f"'{path}' has no integer 'tokens' column (columns: {found}); "
-            "training reads token ids from a column named tokens (ndarray of ints, or int64 bytes)"
-        )
-    return index
-
-
-def _as_tokens(value: Any) -> np.ndarray:
-    """A sample's `tokens` as a 1-d integer array: any integer ndarray, or llm-foundry's int64 bytes."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return np.frombuffer(value, np.int64)
-    array = np.asarray(value)
-    if array.ndim != 1 or array.dtype.kind not in "iu":  # signed or unsigned integers
-        raise TypeError(f"'tokens' must be a 1-d integer array, got {array.dtype} of shape {array.shape}")
-    return array
-
-
-def _first_tokens(source: str, index_path: Path, index: dict[str, Any], scratch: Path | None) -> np.ndarray:
-    """The tokens of a split's first sample, read straight from its first shard."""
-    info = index["shards"][0]
-    split_dir = index_path.parent
-    reader = reader_from_json(str(split_dir.parent), split_dir.name, info)
-    raw = _fetch(source, f"{split_dir.name}/{info['raw_data']['basename']}", scratch)
-    if raw is not None:
-        return _as_tokens(reader.get_item(0)["tokens"])
-    zipped = info.get("zip_data") and _fetch(
-        source, f"{split_dir.name}/{info['zip_data']['basename']}", scratch
-    )
-    if not zipped:
-        raise UserError(
-            f"shard '{info['raw_data']['basename']}' of '{split_dir}' is missing; re-run `llm-train prepare`"
-        )
-    data = decompress(info["compression"], zipped.read_bytes())
-    begin, end = np.frombuffer(data, np.uint32, 2, offset=4)
-    return _as_tokens(reader.decode_sample(data[begin:end])["tokens"])
-
-
-def read_dataset_info(path: str | Path, remote: str | None = None) -> DatasetInfo:
-    """Describe the prepared dataset at `path`, or at `remote` when set (the cache folder is `path`).
-
-    A folder written by anyone else is accepted without prepare.json as long as `train/index.json`
-    exists: seq_len then comes from the first sample and vocab_size/eos_id are None.
-    """
-    source = remote or str(path)
-    if not _is_url(source):
-        return _read_info(source, "data.remote" if remote else "data.path", None)
-    # Downloads go to a private scratch folder: every rank of a node reads the info at once.
-    with tempfile.TemporaryDirectory() as scratch:
-        return _read_info(source, "data.remote", Path(scratch))
-
-
-def _read_info(source: str, key: str, scratch: Path | None) -> DatasetInfo:
-    if scratch is None and not Path(source).is_dir():
-        raise UserError(f"{key}='{source}' does not exist; {_PREPARE_HINT}")
-    train_index = _fetch(source, "train/index.json", scratch)
-    if train_index is None:
-        raise UserError(f"{key}='{source}' is not a prepared dataset (no train/index.json); {_PREPARE_HINT}")
-    train = _read_index(train_index)
-    val_index = _fetch(source, "val/index.json", scratch)
-    val = _read_index(val_index) if val_index else {"shards": []}
-    stats_path = _fetch(source, "prepare.json", scratch)
-    if stats_path is not None:
-        try:
-            stats = json.loads(stats_path.read_text())
-            seq_len, vocab_size, eos_id = (int(stats[name]) for name in _REQUIRED_STATS)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UserError(
-                f"'{source}/prepare.json' is unreadable or lacks integer {', '.join(_REQUIRED_STATS)} "
-                f"({error}); re-run `llm-train prepare`"
-            ) from error
-    else:
-        seq_len, vocab_size, eos_id = len(_first_tokens(source, train_index, train, scratch)), None, None
-    if scratch is None:
-        _check_shards(Path(source) / "train")
-        if val_index is not None:
-            _check_shards(Path(source) / "val")
-    tokenizer = Path(source) / "tokenizer" if scratch is None else None
-    return DatasetInfo(
-        source=source,
-        seq_len=seq_len,
-        vocab_size=vocab_size,
-        eos_id=eos_id,
-        train_samples=sum(shard["samples"] for shard in train["shards"]),
-        val_samples=sum(shard["samples"] for shard in val["shards"]),
-        tokenizer_dir=tokenizer if tokenizer is not None and tokenizer.is_dir() else None,
-    )
-
-
-def _check_shards(split_dir: Path) -> None:
-    """Name a missing or truncated shard now, before any model is built, not in a worker thread later.
-
-    A shard is fine when its raw file, or else its compressed file, has the size index.json gives;
-    its checksum is verified when it is first read (`_ShardFile`).
-    """
-    for shard in _read_index(split_dir / "index.json")["shards"]:
-        files = [shard["raw_data"]] + ([shard["zip_data"]] if shard.get("zip_data") else [])
-        present = [
-            (split_dir / f["basename"], f["bytes"]) for f in files if (split_dir / f["basename"]).is_file()
-        ]
-        if not present:
-            raise UserError(
-                f"shard '{split_dir / files[-1]['basename']}' is missing; re-run `llm-train prepare`"
-            )
-        path, size = present[0]
-        if path.stat().st_size != size:
-            raise UserError(
-                f"shard '{path}' has {path.stat().st_size} bytes, its index.json says {size} (truncated or "
-                "damaged); re-run `llm-train prepare` or copy the dataset again"
-            )
 
 
 class DamagedShardError(RuntimeError):
@@ -245,7 +74,7 @@ def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     A DataLoader worker passes a numpy array through its result pipe, about 4x cheaper per batch
     than a tensor, which torch moves to a new shared-memory file and hands over as a descriptor.
     """
-    rows = [_as_tokens(sample["tokens"]) for sample in samples]
+    rows = [as_tokens(sample["tokens"]) for sample in samples]
     tokens = np.empty((len(rows), len(rows[0])), np.int64)  # filled row by row: faster than np.stack
     for index, row in enumerate(rows):
         if len(row) != tokens.shape[1]:
@@ -697,6 +526,8 @@ class TokenBatches:
         # Set on the main copy too: workers of later epochs are forked from it and do not see the
         # resume state once it is stale.
         self._dataset.num_canonical_nodes = canonical
+        if seed != self._dataset.shuffle_seed:
+            reseed_weights(self._dataset, seed)
         self._dataset.shuffle_seed = seed
         self._dataset.initial_physical_nodes = self._initial_physical_nodes
         # Streaming ignores a resume state older than the epoch it thinks comes next (a rollback rewinds).
@@ -743,28 +574,22 @@ def build_loader(
         raise ValueError(f"split must be train or val, not {split!r}")
     if split == "val" and info.val_samples == 0:
         raise UserError(
-            f"dataset '{info.source}' has no val split; {_PREPARE_HINT} (it writes train/ and val/)"
+            f"dataset '{info.source}' has no val split; {PREPARE_HINT} (it writes train/ and val/)"
         )
     _clean_stale_shared_memory_once()
-    if data.remote:
-        local, remote = str(node_cache_dir(data.path)), data.remote
-    else:
-        local, remote = data.path, None
-        _check_shards(Path(data.path) / split)
     dataset = _Dataset(
-        remote=remote,
-        local=local,
-        split=split,
+        streams=split_streams(data, split, info),
+        epoch_size=data.epoch_size if split == "train" and data.streams else None,
         batch_size=micro_batch_size,
         shuffle=(data.shuffle and split == "train") if shuffle is None else shuffle,
         shuffle_seed=seed,
         num_canonical_nodes=data.num_canonical_nodes,
         shuffle_block_size=data.shuffle_block_size,
     )
-    if remote is not None:  # streaming checks hashes only of what it downloads, and only if told which
-        algorithm = next((name for name in ("xxh64", "sha1") if name in dataset.shards[0].hashes), None)
-        for stream in dataset.streams:
-            stream.validate_hash = algorithm
+    for stream_id, stream in enumerate(dataset.streams):
+        if stream.remote is not None:  # streaming checks hashes only of what it downloads, if told which
+            hashes = dataset.shards[dataset.shard_offset_per_stream[stream_id]].hashes
+            stream.validate_hash = next((name for name in ("xxh64", "sha1") if name in hashes), None)
     loader = StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
@@ -774,12 +599,11 @@ def build_loader(
         persistent_workers=False,
     )
     logger.info(
-        "data %s: %d samples of %d tokens from %s%s, micro batch %d, %d workers",
+        "data %s: %d samples of %d tokens from %s, micro batch %d, %d workers",
         split,
         dataset.epoch_size,
         info.seq_len,
-        info.source,
-        f" cached in {local}" if remote else "",
+        describe(dataset.streams),
         micro_batch_size,
         loader.num_workers,
     )

@@ -7,7 +7,7 @@ import json
 
 from trainer.logs import setup_logging
 from trainer.prepare import PrepareOptions
-from trainer.prepare.options import MAX_DEFAULT_WORKERS
+from trainer.prepare.options import DEFAULT_VAL_FRACTION, MAX_DEFAULT_WORKERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,17 +39,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
     parser.add_argument(
         "--tokenizer",
-        required=True,
         metavar="HF_NAME|PATH|bpe:VOCAB",
-        help="an HF fast tokenizer name or folder, or bpe:VOCAB to train a byte-level BPE on the input",
+        help="an HF fast tokenizer name or folder, or bpe:VOCAB to train a byte-level BPE on the input "
+        "(required unless --append-to)",
     )
-    parser.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per sample")
+    parser.add_argument(
+        "--seq-len", type=int, metavar="N", help="tokens per sample (required unless --append-to)"
+    )
     parser.add_argument(
         "--val-fraction",
         type=float,
-        default=0.05,
+        default=None,
         metavar="F",
-        help="share of documents held out for validation, chosen by text hash (default: 0.05)",
+        help=f"share of documents held out for validation, chosen by text hash (default: {DEFAULT_VAL_FRACTION})",
+    )
+    parser.add_argument(
+        "--append-to",
+        metavar="PARENT",
+        help="write --out as a new version of the prepared dataset PARENT: its shards (hard-linked or copied, "
+        "unchanged) plus the input's documents, tokenized, packed and split as PARENT was; PARENT is not "
+        "modified, and duplicates are removed among the new documents only",
     )
     parser.add_argument(
         "--workers",
@@ -87,6 +96,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         dedupe=not args.no_dedupe,
         compression=args.compression,
         overwrite=args.overwrite,
+        append_to=args.append_to,
     )
 
 

@@ -21,9 +21,11 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     from trainer.data import read_dataset_info  # torch and streaming: imported only when training
+    from trainer.mixture import check_mixture
 
     # Everything checkable is checked here, once, before any process starts.
     config = load_config(args.config, args.overrides)
     info = read_dataset_info(config.data.path, config.data.remote)
+    check_mixture(config.data, info)
     batch_plan(config.train, args.nproc, info.seq_len)
     return launch_local(args.nproc, [args.config, *args.overrides])

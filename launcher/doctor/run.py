@@ -23,12 +23,18 @@ DEFAULT_SEQ_LEN = 1024  # GPT-2's n_positions
 def check_data(config: Config) -> Check:
     """The dataset reads as training reads it: index, prepare.json, and every local shard present at its size."""
     from trainer.data import read_dataset_info
+    from trainer.mixture import check_mixture
 
     try:
         info = read_dataset_info(config.data.path, config.data.remote)
+        streams = check_mixture(config.data, info)
     except UserError as error:
         return Check("data", "fail", str(error))
     found = f"'{info.source}': {info.train_samples} train / {info.val_samples} val samples of {info.seq_len} tokens"
+    if streams:
+        found += (
+            f"; training mixes {len(streams)} data.streams ({sum(s.train_samples for s in streams)} samples)"
+        )
     if "://" in info.source:
         return Check("data", "ok", f"{found}; remote shards are checked when streamed")
     return Check("data", "ok", f"{found}; every shard present with its recorded size")

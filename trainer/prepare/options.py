@@ -21,6 +21,7 @@ BPE_MAX_VOCAB = 1 << 20
 # says 1e30) still get a sane cap: no GPT-2 position table is anywhere near a million tokens.
 MAX_SEQ_LEN = 1 << 20
 MAX_DEFAULT_WORKERS = 8
+DEFAULT_VAL_FRACTION = 0.05
 
 
 def default_workers() -> int:
@@ -37,23 +38,26 @@ class PrepareOptions:
     """The arguments of `llm-train prepare`, usable without the CLI.
 
     Exactly one of `inputs` (globs, file or folder paths) and `hf_dataset` (`NAME[:CONFIG]` or the
-    path of a folder written by `datasets.Dataset.save_to_disk`) must be given.
+    path of a folder written by `datasets.Dataset.save_to_disk`) must be given. `tokenizer` and
+    `seq_len` are required, except with `append_to` (a prepared dataset: its tokenizer, seq_len and
+    split rule are used, see `trainer.prepare.append`).
     """
 
     out: str | Path
-    tokenizer: str
-    seq_len: int
+    tokenizer: str | None = None
+    seq_len: int | None = None
     inputs: list[str] = field(default_factory=list)
     hf_dataset: str | None = None
     split: str = "train"
     text_field: str = "text"
-    val_fraction: float = 0.05
+    val_fraction: float | None = None  # None: DEFAULT_VAL_FRACTION
     workers: int | None = None  # None: default_workers()
     min_chars: int = 1
     dedupe: bool = True
     compression: str | None = None
     overwrite: bool = False
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
+    append_to: str | Path | None = None
 
 
 def bpe_vocab_size(spec: str) -> int | None:
@@ -79,6 +83,9 @@ def validate(options: PrepareOptions) -> PrepareOptions:
     """Check the options that need no data; return a copy with defaults filled in."""
     if bool(options.inputs) == bool(options.hf_dataset):
         raise UserError("prepare: give either --input GLOB... or --hf-dataset NAME[:CONFIG] (exactly one)")
+    if options.tokenizer is None or options.seq_len is None:
+        missing = "--tokenizer" if options.tokenizer is None else "--seq-len"
+        raise UserError(f"prepare: {missing} is required (or --append-to DIR, which reuses DIR's)")
     if not options.tokenizer:
         raise UserError("--tokenizer is empty: give a Hugging Face name or path, or bpe:VOCAB")
     bpe_vocab_size(options.tokenizer)
@@ -86,7 +93,7 @@ def validate(options: PrepareOptions) -> PrepareOptions:
         raise UserError(f"--seq-len {options.seq_len}: must be an integer >= 2 (tokens per training sample)")
     if options.seq_len > MAX_SEQ_LEN:
         raise UserError(f"--seq-len {options.seq_len}: must be at most {MAX_SEQ_LEN}")
-    fraction = options.val_fraction
+    fraction = DEFAULT_VAL_FRACTION if options.val_fraction is None else options.val_fraction
     if not isinstance(fraction, (int, float)) or math.isnan(fraction) or not 0 <= fraction < 1:
         raise UserError(
             f"--val-fraction {fraction}: must be in [0, 1), the share of documents held out "
@@ -120,4 +127,5 @@ def validate(options: PrepareOptions) -> PrepareOptions:
         compression=options.compression or None,
         overwrite=options.overwrite,
         progress=options.progress,
+        append_to=options.append_to,
     )

@@ -1,5 +1,6 @@
 """`run_prepare`: read, clean, (train a tokenizer,) tokenize in `--workers` processes, split, pack,
-write MDS shards and `prepare.json`, then move the finished folder into place.
+write MDS shards and `prepare.json`, then move the finished folder into place. With `append_to`,
+the new documents are added to a copy of an existing dataset instead (`append`).
 
 `prepare.json` (also the return value of `run_prepare`):
 - `files`: input files matched (0 for an HF dataset); `documents`: documents read, each of which
@@ -30,6 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from trainer.errors import UserError
+from trainer.prepare.append import NEW_PART, Parent, merge, options_for, read_parent
 from trainer.prepare.clean import Counts, Document, clean_documents
 from trainer.prepare.encode import TokenizerPool
 from trainer.prepare.options import PrepareOptions, bpe_vocab_size, validate
@@ -46,16 +48,22 @@ Source = FileSource | HFSource
 def run_prepare(options: PrepareOptions) -> dict[str, Any]:
     """Prepare an MDS dataset as described by `options`; return the stats written to prepare.json.
 
+    With `options.append_to`, the dataset is a new version of that one (see `append`).
     Raises `UserError` for anything the user can fix; the output folder then is left as it was.
     """
-    opts = validate(options)
+    parent = read_parent(options.append_to) if options.append_to else None
+    opts = validate(options_for(options, parent) if parent else options)
     out = Path(opts.out)
     check_out(out, opts.overwrite)
     source = _open_source(opts, out)
-    pretrained = None if bpe_vocab_size(opts.tokenizer) else load_pretrained(opts.tokenizer, opts.seq_len)
+    pretrained = None
+    if parent is None and not bpe_vocab_size(opts.tokenizer):
+        pretrained = load_pretrained(opts.tokenizer, opts.seq_len)
     temp = make_temp_dir(out)
     try:
-        stats = _prepare_into(temp, opts, source, pretrained)
+        stats = _prepare_into(temp, opts, source, pretrained, parent)
+        if parent is not None:
+            stats = merge(parent, temp, stats)
         # Last file of the dataset: a folder without it was never finished.
         (temp / "prepare.json").write_text(json.dumps(stats, indent=2) + "\n")
         commit(temp, out, opts.overwrite)
@@ -149,11 +157,18 @@ def _tokenize(
         )
 
 
-def _prepare_into(temp: Path, opts: PrepareOptions, source: Source, pretrained: Any) -> dict[str, Any]:
+def _prepare_into(
+    temp: Path, opts: PrepareOptions, source: Source, pretrained: Any, parent: Parent | None
+) -> dict[str, Any]:
+    """Write the tokenizer and the splits into `temp` (the splits into `temp/NEW_PART` when appending
+    to `parent`, see `append.merge`); return the stats of these documents."""
     log.info("reading %s", f"{len(source.files)} files" if isinstance(source, FileSource) else source.spec)
     # Started first: the workers start up while the tokenizer is trained or saved.
     with TokenizerPool(opts.workers or 1) as pool:
-        info = _tokenizer_for(temp, opts, source, pretrained)
+        if parent is None:
+            info = _tokenizer_for(temp, opts, source, pretrained)
+        else:
+            info = parent.copy_tokenizer(temp)
         counts = Counts()
         scratch = temp / "tokens.scratch"
         started = time.perf_counter()
@@ -169,14 +184,17 @@ def _prepare_into(temp: Path, opts: PrepareOptions, source: Source, pretrained: 
         total / max(seconds, 1e-9),
         opts.workers,
     )
-    threshold = choose_val_threshold(lengths, fractions, opts.val_fraction, opts.seq_len)
+    if parent is None:
+        threshold = choose_val_threshold(lengths, fractions, opts.val_fraction, opts.seq_len)
+    else:  # a document goes to the split it would have gone to in the parent
+        threshold = parent.val_threshold
     split = write_splits(
         scratch,
         lengths,
         fractions < threshold,
         seq_len=opts.seq_len,
         dtype=info.dtype,
-        out=temp,
+        out=temp if parent is None else temp / NEW_PART,
         compression=opts.compression,
     )
     scratch.unlink()
