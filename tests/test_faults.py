@@ -32,6 +32,7 @@ from trainer.checkpoint import newest_valid_step
 from trainer.fault_injection import NAN_AT_BATCH_ENV, SPIKE_AT_BATCH_ENV, STALL_ENV
 
 TIMEOUT_S = 20
+STALL_TIMEOUT_S = 12  # waited out in full by the stall test
 NAN_BATCH = 4  # the global batch of step 5 (0-based draw order)
 
 
@@ -113,21 +114,22 @@ def test_killed_rank_is_named_by_the_survivor_and_the_resume_matches(straight, d
 
 def test_stalled_rank_is_named_within_the_collective_timeout(demo_dataset, tmp_path):
     run_dir = tmp_path / "run"
-    extra = overrides("fsdp", f"parallel.timeout_s={TIMEOUT_S}")
+    extra = overrides("fsdp", f"parallel.timeout_s={STALL_TIMEOUT_S}")
     rank1_log = run_dir / "logs" / "rank1.log"
     with _run_to_fail(run_dir, demo_dataset.path, extra, {STALL_ENV: "1:3:600"}) as stderr:
         wait_for(
             lambda: "stalls for" in (rank1_log.read_text() if rank1_log.is_file() else "") or stderr.ended()
         )
         stalled_at = time.monotonic()
-        reported_at, report = _survivor_report(stderr, TIMEOUT_S + 30)
-        wait_for(stderr.ended, 60)
-    assert TIMEOUT_S - 2 <= reported_at - stalled_at <= TIMEOUT_S + 10
+        reported_at, report = _survivor_report(stderr, STALL_TIMEOUT_S + 30)
+        wait_for(lambda: stderr.first("rank 0 exited with code 1") is not None or stderr.ended(), 30)
+    assert STALL_TIMEOUT_S - 2 <= reported_at - stalled_at <= STALL_TIMEOUT_S + 10
     assert "rank 1 stalled in 'forward/backward' of step 3" in report, report
     assert "this rank waits in 'optimizer step' of step 3" in report
-    exited = stderr.first("rank 0 exited with code 1")
-    assert exited is not None and exited[0] - stalled_at <= TIMEOUT_S + 10, stderr.text()
-    assert stderr.returncode == 1
+    exited = stderr.first(
+        "rank 0 exited with code 1"
+    )  # the survivor itself, before the launcher stops rank 1
+    assert exited is not None and exited[0] - stalled_at <= STALL_TIMEOUT_S + 10, stderr.text()
 
 
 # --- full disk -------------------------------------------------------------------------------------
@@ -149,14 +151,17 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("backend", "extra"),
-    [("fsdp", []), ("fsdp", ["checkpoint.async=true"]), ("deepspeed", [])],
+    ("backend", "extra", "then_resume"),
+    [("fsdp", [], True), ("fsdp", ["checkpoint.async=true"], False), ("deepspeed", [], False)],
     ids=["fsdp", "fsdp-async", "deepspeed"],
 )
-def test_disk_full_mid_save_keeps_the_previous_checkpoint(backend, extra, small_disk, demo_dataset, capfd):
+def test_disk_full_mid_save_keeps_the_previous_checkpoint(
+    backend, extra, then_resume, small_disk, demo_dataset, capfd
+):
     run_dir = small_disk
     args = [f"run.dir={run_dir}", f"data.path={demo_dataset.path}", *BASE_OVERRIDES, "train.max_steps=8",
-            "checkpoint.every_steps=3", "checkpoint.keep_last=1", f"parallel.backend={backend}", *extra]  # fmt: skip
+            "checkpoint.every_steps=3", "checkpoint.keep_last=1", f"parallel.backend={backend}",
+            f"parallel.timeout_s={TIMEOUT_S}", *extra]  # fmt: skip
     code = cli_main(["train", "tiny", *args, "--nproc", "2"])
     err = capfd.readouterr().err
     assert code == 2, err
@@ -166,6 +171,8 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(backend, extra, small_
     assert not (run_dir / "checkpoints" / "step_00000006").exists()
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     assert newest_valid_step(run_dir / "checkpoints").step == 3
+    if not then_resume:  # the resume path is the backend's usual one, checked once
+        return
     # With room again, the run resumes from step 3.
     subprocess.run(["mount", "-o", "remount,size=64m", str(run_dir / "checkpoints")], check=True)
     code = cli_main(["train", "tiny", *args, "--nproc", "2"])

@@ -69,7 +69,7 @@ def test_init_from_a_run_folder_gives_its_newest_checkpoints_weights(backend, st
         assert torch.equal(state[name], tensor), name
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+@pytest.mark.parametrize("backend", ["deepspeed"])  # from an FSDP checkpoint; FSDP runs fine-tune below
 def test_weights_only_starts_at_step_0_with_a_fresh_schedule(backend, straight, demo_dataset, tmp_path):
     source = newest_valid_step(straight["fsdp"] / "checkpoints")
     extra = [

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class DeepSpeedBackend:
         )
         self.module = self.engine.module
         self.device = self.engine.device
+        self._record_write_errors()
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
         loss = self.engine(input_ids=input_ids, labels=input_ids).loss
@@ -105,13 +107,33 @@ class DeepSpeedBackend:
         return float(self.engine.get_lr()[0])
 
     def save(self, step_dir: Path, async_group: Any = None) -> None:
-        try:
-            self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
-        except Exception:
-            # A failed write leaves this rank out of the barrier that ends DeepSpeed's save, where
-            # the other ranks wait: join it, so that the checkpoint manager can tell everyone.
-            dist.barrier()
-            raise
+        """DeepSpeed's save, whose collectives every rank must reach even when one of its writes fails.
+
+        A write that raised inside `save_checkpoint` would leave this rank out of the collectives that
+        follow it there, and the ranks would wait on each other until the timeout. So the engine's file
+        writes only record their failure; the first one is raised once the whole save has run.
+        """
+        self._write_errors.clear()
+        self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
+        if self._write_errors:
+            raise self._write_errors[0]
+
+    def _record_write_errors(self) -> None:
+        writer = self.engine.checkpoint_engine
+        self._write_errors: list[Exception] = []
+
+        def recorded(write: Callable[..., Any]) -> Callable[..., Any]:
+            def call(*args: Any, **kwargs: Any) -> None:
+                try:
+                    write(*args, **kwargs)
+                except Exception as error:  # torch.save reports a full disk as RuntimeError
+                    self._write_errors.append(error)
+
+            return call
+
+        writer.save, writer.makedirs = recorded(writer.save), recorded(writer.makedirs)
+        # Rank 0 also copies DeepSpeed's recovery scripts next to the shards, outside the checkpoint engine.
+        self.engine._copy_recovery_script = recorded(self.engine._copy_recovery_script)
 
     def load(self, step_dir: Path, saved_world_size: int) -> None:
         if saved_world_size == dist.get_world_size():
