@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from trainer.errors import UserError
-from trainer.evaluation import datasets_or_default, validation_losses
+from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, validation_losses
 from trainer.generation import check_sampling, sample
 from trainer.hf_export import LoadedModel, load_any, load_tokenizer
 from trainer.names import unique_names
@@ -98,7 +98,11 @@ def compare(
     loaded = [load_any(path) for path in paths]
     _check_one_tokenizer(names, loaded)
     data_paths = datasets_or_default(data, loaded[0].data_path, paths[0])
-    results = _with_differences([validation_losses(model.model, data_paths, batches) for model in loaded])
+    measured = [validation_losses(model.model, data_paths, batches) for model in loaded]
+    for path, model, numbers in zip(paths, loaded, measured, strict=True):
+        if (run_dir := run_dir_of(path)) is not None:  # the same numbers in the run's metrics.jsonl and W&B
+            record_eval(run_dir, model.step, numbers)
+    results = _with_differences(measured)
     comparison = Comparison(
         baseline=names[0],
         batches=batches,

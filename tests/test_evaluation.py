@@ -85,6 +85,13 @@ def test_compare_prints_both_rows_and_the_loss_difference_to_the_first(run_a, ca
     assert float(d_loss) == pytest.approx(loss_b - loss_a, abs=1e-6)
 
 
+def test_compare_records_its_numbers_in_the_runs_metrics(run_a, capsys):
+    result = json.loads(run_cli(capsys, "compare", run_a, step_dir(run_a, 6), *BATCHES, "--json"))
+    recorded = [r for r in read_metrics(run_a) if r.get("dataset") == "data"][-2:]
+    measured = [(m["step"], m["datasets"]["data"]["val_loss"]) for m in result["models"]]
+    assert [(r["step"], r["val_loss"]) for r in recorded] == measured
+
+
 def test_compare_json_gives_the_same_numbers_as_the_table(run_a, capsys):
     args = ["compare", run_a, step_dir(run_a, 6), *BATCHES]
     rows = table_rows(run_cli(capsys, *args))
