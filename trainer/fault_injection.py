@@ -8,6 +8,7 @@ LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP'
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ SPIKE_AT_BATCH_ENV = "LLM_TRAIN_TEST_SPIKE_AT_BATCH"
 STALL_ENV = "LLM_TRAIN_TEST_STALL"
 
 
+@functools.cache  # read once per process: two of these hooks sit in every training step
 def _numbers(variable: str) -> list[float] | None:
     value = os.environ.get(variable)
     return [float(part) for part in value.replace(",", ":").split(":")] if value else None

@@ -20,12 +20,11 @@ so every stream must agree with it on seq_len, vocab_size and eos_id.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 from streaming import Stream, StreamingDataset
 
 from trainer.config import DataConfig
-from trainer.dataset_info import DatasetInfo, check_shards, node_cache_dir, read_dataset_info
+from trainer.dataset_info import DatasetInfo, node_cache_dir, read_dataset_info
 from trainer.errors import UserError
 
 _MUST_AGREE = ("seq_len", "vocab_size", "eos_id")
@@ -66,10 +65,12 @@ def split_streams(data: DataConfig, split: str, reference: DatasetInfo) -> list[
 
 
 def _stream(path: str, remote: str | None, split: str, proportion: float | None = None) -> Stream:
-    """A remote is cached per node under `path` (see `node_cache_dir`); a local folder is read in place."""
+    """A remote is cached per node under `path` (see `node_cache_dir`); a local folder is read in place.
+
+    Its shards were checked by `read_dataset_info` (data.path's by the caller, the streams' in `check_mixture`).
+    """
     if remote:
         return Stream(local=str(node_cache_dir(path)), remote=remote, split=split, proportion=proportion)
-    check_shards(Path(path) / split)
     return Stream(local=path, split=split, proportion=proportion)
 
 
