@@ -7,7 +7,10 @@ timed window. Synthetic tokens (the data path is measured by bench/prepare.py), 
 backends, optimizer and MFU formula.
 
 Usage on the GPU machine: python bench/gpu.py [--window 10] [--out gpu_bench.md]
-A missing package (deepspeed on a bare image) skips that row and says so.
+(bench/gpu_check.sh runs it there with the gpu-marked tests, in one call.)
+A missing package (deepspeed on a bare image) skips that row and says so. `--smoke` runs every row's
+code path on the CPU with a 2-layer model, fp32, no compile, one step: a check of this script itself
+(tests/test_bench.py) before GPU time is spent on it; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +34,13 @@ from trainer.model import build_model, choose_attention, model_facts  # noqa: E4
 from trainer.parallel import build_backend  # noqa: E402
 
 SEQ_LEN, VOCAB = 1024, 50257
+SMOKE_OVERRIDES = [
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=2",
+    "train.precision=fp32",
+    "train.compile=false",
+]
 # (label, size, micro batch, overrides)
 ROWS = [
     ("gpt2-124m fastest", "gpt2-124m", 16, []),
@@ -44,39 +54,43 @@ ROWS = [
 ]
 
 
-def run_row(env, size: str, micro: int, overrides: list[str], warmup: int, window: int) -> dict:
+def run_row(env, size: str, micro: int, overrides: list[str], args: argparse.Namespace) -> dict:
+    seq_len, micro = (64, 2) if args.smoke else (SEQ_LEN, micro)
     base = [f"model.size={size}", "train.precision=bf16", "train.compile=true", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={micro}", "run.dir=/tmp/gpu-bench", "data.path=unused"]  # fmt: skip
     if not any(o.startswith("model.activation_checkpointing") for o in overrides):
         base.append("model.activation_checkpointing=false")
-    config = load_config("tiny", [*base, *overrides])
-    plan = batch_plan(config.train, 1, SEQ_LEN)
+    config = load_config("tiny", [*base, *overrides, *(SMOKE_OVERRIDES if args.smoke else [])])
+    plan = batch_plan(config.train, 1, seq_len)
     attn = choose_attention(config.model.attn, env.device)
-    model = build_model(config.model, VOCAB, SEQ_LEN, attn, seed=0)
-    facts = model_facts(model, SEQ_LEN)
+    model = build_model(config.model, VOCAB, seq_len, attn, seed=0)
+    facts = model_facts(model, seq_len)
     backend = build_backend(config, model, plan, env)
-    batch = torch.randint(0, VOCAB, (micro, SEQ_LEN), device=env.device)
-    torch.cuda.reset_peak_memory_stats()
-    for index in range(warmup + window):
-        if index == warmup:
-            torch.cuda.synchronize()
+    batch = torch.randint(0, VOCAB, (micro, seq_len), device=env.device)
+    cuda = env.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for index in range(args.warmup + args.window):
+        if index == args.warmup:
+            if cuda:
+                torch.cuda.synchronize()
             start = time.perf_counter()
         backend.forward_backward(batch, last_micro_batch=True)
         backend.step()
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    tokens_per_s = window * micro * SEQ_LEN / elapsed
-    peak = peak_tflops(None, env.device)
+    tokens_per_s = args.window * micro * seq_len / elapsed
     result = {
         "attn": attn,
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(tokens_per_s, facts.flops_per_token(), 1, peak),
-        "mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-        "params_m": facts.n_params / 1e6,
+        "mfu": mfu(tokens_per_s, facts.flops_per_token(), 1, peak_tflops(None, env.device)),
+        "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
     }
     del backend, model
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -87,12 +101,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_bench.md"))
+    parser.add_argument("--smoke", action="store_true", help="every row's code path on the CPU, tiny model")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA GPU")
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29591")
+    if args.smoke:
+        args.warmup, args.window = 1, 1
+    elif not torch.cuda.is_available():
+        sys.exit("bench/gpu.py needs a CUDA GPU (or --smoke)")
+    os.environ.update(
+        RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29591")
+    )
     env = init_distributed(600)
-    lines = [f"card: {torch.cuda.get_device_name()}, torch {torch.__version__}, flash-attn importable: "
+    card = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu (smoke run)"
+    lines = [f"card: {card}, torch {torch.__version__}, flash-attn importable: "
              f"{importlib.util.find_spec('flash_attn') is not None}", "",
              "| configuration | attention | micro batch | tokens/s | MFU | peak memory GB |", "|---|---|---|---|---|---|"]  # fmt: skip
     for label, size, micro, overrides in ROWS:
@@ -100,12 +120,12 @@ def main() -> None:
             lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | |")
             continue
         try:
-            r = run_row(env, size, micro, overrides, args.warmup, args.window)
+            r = run_row(env, size, micro, overrides, args)
             mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             lines.append(
                 f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |"
             )
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
             lines.append(f"| {label} | - | {micro} | out of memory | | |")
             gc.collect()
             torch.cuda.empty_cache()

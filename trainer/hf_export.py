@@ -10,12 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from trainer.checkpoint import newest_valid_step, verify_step
 from trainer.config import Config, load_config
 from trainer.errors import UserError
-from trainer.model import gpt2_config, set_causal_lm_loss
+from trainer.model import gpt2_config, load_pretrained, set_causal_lm_loss
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def load_any(path: str | Path) -> LoadedModel:
             f"'{path}' does not exist; give a RUN_DIR, a checkpoint step folder or an exported HF folder"
         )
     if is_hf_folder(path):
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        model = load_pretrained(path).eval()
         set_causal_lm_loss(model)
         info_file = path / TRAINING_INFO
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}

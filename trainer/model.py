@@ -109,14 +109,20 @@ def _pretrained(source: str, cfg: ModelConfig, attn: str) -> GPT2LMHeadModel:
         return model_from_checkpoint(resolve_step_dir(path), attn, cfg.dropout).model.train()
     dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source, attn_implementation=attn, torch_dtype=torch.float32, **dropout
-        )
+        return load_pretrained(source, attn_implementation=attn, **dropout)
     except OSError as error:
         raise UserError(
             f"model.init_from='{source}' cannot be loaded ({str(error).splitlines()[0]}); give an exported HF "
             "folder, a run folder, a checkpoint folder, or a model name in the local Hugging Face cache"
         ) from error
+
+
+def load_pretrained(source: str | Path, **kwargs: object) -> GPT2LMHeadModel:
+    """`from_pretrained` in fp32, without the progress bar that transformers 5 draws on stderr per load."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
 
 
 def set_causal_lm_loss(model: torch.nn.Module) -> None:

@@ -31,8 +31,13 @@ def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: b
         policy = MixedPrecisionPolicy()
     if compile_model:
         compile_blocks(model)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    blocks = list(model.transformer.h)
+    for index, block in enumerate(blocks):
+        # Resharding after forward frees a block's gathered weights until its backward gathers them
+        # again. The last block's backward comes right away; in a world of one the gathered weights
+        # are a second copy of the local shard, and gathering it twice a step costs more than it saves.
+        reshard = env.world_size > 1 and index < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     # The root unit holds the tied wte/lm_head weight, so the tie survives sharding.
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model  # type: ignore[return-value]

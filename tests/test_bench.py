@@ -1,0 +1,36 @@
+"""bench/gpu.py is run only on a lent GPU machine, with minutes to spare: its code paths are checked here."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_gpu_bench_smoke_runs_every_row(tmp_path):
+    out = tmp_path / "gpu_bench.md"
+    env = {**os.environ, "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| gpt2")]
+    labels = [cells[0].strip() for cells in rows]
+    assert labels == [
+        "gpt2-124m fastest", "gpt2-350m fastest", "gpt2-774m fastest", "gpt2-1.5b fastest",
+        "gpt2-350m deepspeed", "gpt2-350m eager attention", "gpt2-350m activation ckpt", "gpt2-350m no compile",
+    ]  # fmt: skip
+    for cells in rows:
+        assert float(cells[3].strip().replace(",", "")) > 0, cells  # a rate, not "skipped" or "out of memory"
+    attention = {cells[0].strip(): cells[1].strip() for cells in rows}
+    assert attention["gpt2-350m eager attention"] == "eager"
+    assert attention["gpt2-350m fastest"] == "sdpa"  # no flash-attn here: auto falls back to SDPA
