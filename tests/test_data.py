@@ -21,9 +21,10 @@ from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
 
 from trainer.config import DataConfig, StreamConfig
-from trainer.data import TokenBatches, _Dataset, build_loader, read_dataset_info
+from trainer.data import TokenBatches, build_loader, read_dataset_info
 from trainer.dataset_info import _read_info, node_cache_dir
 from trainer.errors import UserError
+from trainer.mapped_dataset import MappedDataset
 
 SEED = 17
 
@@ -421,7 +422,7 @@ def test_fast_path_reads_exactly_what_streaming_reads(tmp_path: Path, layout: st
         _write_compressed(root, 40, layout.split()[1])
     else:
         write_dataset(root, train_samples=40, val_samples=0, encoding=layout)
-    dataset = _Dataset(local=str(root), split="train", batch_size=4)
+    dataset = MappedDataset(local=str(root), split="train", batch_size=4)
     assert dataset.num_shards > 1
     compressed = layout.startswith("zstd")
     if compressed:  # only the .zstd files are there: streaming's path decompresses them on first use
@@ -460,7 +461,7 @@ def test_fast_path_yields_the_batches_of_streamings_own_path(
     before = [sample_ids(next(batches)["input_ids"]) for _ in range(21)]
     state = first.state_dict()
 
-    monkeypatch.setattr(_Dataset, "_shard_file", lambda self, shard_id: None)  # nothing is ever ready
+    monkeypatch.setattr(MappedDataset, "_shard_file", lambda self, shard_id: None)  # nothing is ever ready
     slow = take(build_loader(data, "train", 4, SEED), 40)
     second = build_loader(data, "train", 4, SEED)
     second.load_state_dict(state)
@@ -496,7 +497,7 @@ def test_remote_cache_maps_shards_and_closes_them_on_eviction(dataset: Path, tmp
 
 
 def test_no_shard_is_mapped_when_a_cache_limit_may_evict_it(dataset: Path, tmp_path: Path) -> None:
-    shards = _Dataset(
+    shards = MappedDataset(
         remote=str(dataset), local=str(tmp_path / "cache"), split="train", batch_size=4, cache_limit="1mb"
     )
     assert sorted(int(sample["tokens"][0]) for sample in shards) == list(range(64))

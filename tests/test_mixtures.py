@@ -18,8 +18,9 @@ from trainer_runs import BATCH, losses, train
 
 from launcher.cli import main as cli_main
 from trainer.config import DataConfig, StreamConfig, load_config
-from trainer.data import TokenBatches, _Dataset, build_loader
+from trainer.data import TokenBatches, build_loader
 from trainer.errors import UserError
+from trainer.mapped_dataset import MappedDataset
 
 SEED = 17
 # Sample ids (first token): web 0..199, code 200..319. Sizes differ so that the shard boundaries of the two
@@ -208,7 +209,7 @@ def test_fast_path_reads_each_streams_samples_exactly_as_streaming_does(mixture:
     streams = [
         Stream(local=stream.path, split="train", proportion=stream.proportion) for stream in mixture.streams
     ]
-    dataset = _Dataset(streams=streams, batch_size=4)
+    dataset = MappedDataset(streams=streams, batch_size=4)
     assert dataset.num_samples == WEB + CODE and dataset.shards_per_stream.min() > 1
     for sample_id in range(dataset.num_samples):
         reference = StreamingDataset.get_item(dataset, sample_id)  # streaming's own shard -> file mapping
@@ -222,7 +223,7 @@ def test_fast_path_yields_the_mixture_batches_of_streamings_own_path(
     mixture: DataConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fast = take(build_loader(mixture, "train", 4, SEED), 100)
-    monkeypatch.setattr(_Dataset, "_shard_file", lambda self, shard_id: None)  # nothing is ever ready
+    monkeypatch.setattr(MappedDataset, "_shard_file", lambda self, shard_id: None)  # nothing is ever ready
     assert take(build_loader(mixture, "train", 4, SEED), 100) == fast
 
 

@@ -174,7 +174,7 @@ def check_shards(split_dir: Path) -> None:
     """Name a missing or truncated shard now, before any model is built, not in a worker thread later.
 
     A shard is fine when its raw file, or else its compressed file, has the size index.json gives;
-    its checksum is verified when it is first read (`_ShardFile`).
+    its checksum is verified when it is first read (`trainer.mds_shard.ShardFile`).
     """
     for shard in _read_index(split_dir / "index.json")["shards"]:
         files = [shard["raw_data"]] + ([shard["zip_data"]] if shard.get("zip_data") else [])
