@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check launcher trainer tests bench
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=12
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check launcher trainer tests bench

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from trainer.config import batch_plan, load_config  # noqa: E402
 from trainer.distributed import init_distributed  # noqa: E402
 from trainer.metrics import mfu, peak_tflops  # noqa: E402
-from trainer.model import build_model, choose_attention, model_facts  # noqa: E402
+from trainer.model import build_model, choose_attention, flash_attn_importable, model_facts  # noqa: E402
 from trainer.parallel import build_backend  # noqa: E402
 
 SEQ_LEN, VOCAB = 1024, 50257
@@ -87,10 +87,6 @@ def run_row(env, size: str, micro: int, overrides: list[str], args: argparse.Nam
         "mfu": mfu(tokens_per_s, facts.flops_per_token(), 1, peak_tflops(None, env.device)),
         "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
     }
-    del backend, model
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return result
 
 
@@ -112,26 +108,50 @@ def main() -> None:
     )
     env = init_distributed(600)
     card = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu (smoke run)"
-    lines = [f"card: {card}, torch {torch.__version__}, flash-attn importable: "
-             f"{importlib.util.find_spec('flash_attn') is not None}", "",
+    lines = [f"card: {card}, torch {torch.__version__}, flash-attn importable: {flash_attn_importable()}", "",
              "| configuration | attention | micro batch | tokens/s | MFU | peak memory GB |", "|---|---|---|---|---|---|"]  # fmt: skip
     for label, size, micro, overrides in ROWS:
         if "parallel.backend=deepspeed" in overrides and importlib.util.find_spec("deepspeed") is None:
             lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | |")
-            continue
-        try:
-            r = run_row(env, size, micro, overrides, args)
-            mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-            lines.append(
-                f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |"
-            )
-        except torch.OutOfMemoryError:
-            lines.append(f"| {label} | - | {micro} | out of memory | | |")
-            gc.collect()
-            torch.cuda.empty_cache()
+        else:
+            line, failed = row_line(env, label, size, micro, overrides, args)
+            if failed and not args.smoke and "train.compile=false" not in overrides:
+                lines.append(line)  # compile is the likeliest failure on a new image: measure without it
+                label, overrides = (
+                    f"{label}, compile off after the failure",
+                    [*overrides, "train.compile=false"],
+                )
+                line, _ = row_line(env, label, size, micro, overrides, args)
+            lines.append(line)
         print(lines[-1], flush=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")  # after every row: a cut-off run keeps its rows
     print("\n".join(lines))
+
+
+def row_line(env, label: str, size: str, micro: int, overrides: list[str], args) -> tuple[str, bool]:
+    """The table row of one configuration and whether it failed; one row's failure never stops the others."""
+    try:
+        r = run_row(env, size, micro, overrides, args)
+    except torch.OutOfMemoryError:
+        return f"| {label} | - | {micro} | out of memory | | |", True
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0][:160]
+        return f"| {label} | - | {micro} | failed: {type(error).__name__}: {reason} | | |", True
+    finally:
+        release_memory(env.device)
+    mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+    return (
+        f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |",
+        False,
+    )
+
+
+def release_memory(device: torch.device) -> None:
+    """Free the last row's model and compiled code, so that neither weighs on the next row."""
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

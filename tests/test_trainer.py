@@ -51,6 +51,21 @@ def test_backends_agree_for_first_5_steps(backend_runs):
         assert abs(a - b) / abs(a) < 1e-3, f"step {step}: fsdp {a} vs deepspeed {b}"
 
 
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_bf16_on_cpu_follows_fp32_closely(backend_runs, demo_dataset, tmp_path, backend):
+    """The bf16 path (FSDP2's MixedPrecisionPolicy, DeepSpeed's bf16 section) runs on CPU too, so CI covers it.
+
+    Same seed, data and batch as the fp32 runs; steps 1-3 use the same learning rates (warm-up).
+    """
+    batch = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+    records = train(tmp_path, demo_dataset.path, nproc=2,
+                    overrides=[f"parallel.backend={backend}", "train.precision=bf16", "train.max_steps=3", *batch])  # fmt: skip
+    bf16, fp32 = losses(records), losses(backend_runs[backend])[:3]
+    assert bf16 != fp32, "the bf16 run computed exactly what fp32 did: bf16 was not applied"
+    for step, (low, full) in enumerate(zip(bf16, fp32, strict=True), start=1):
+        assert abs(low - full) / full < 1e-3, f"step {step}: bf16 {low} vs fp32 {full}"
+
+
 def test_metrics_lines_have_spec_fields(backend_runs, demo_dataset):
     records = backend_runs["fsdp"]
     train_lines = [r for r in records if "loss" in r]

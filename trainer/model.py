@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
@@ -17,8 +18,17 @@ from trainer.errors import UserError
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def flash_attn_importable() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    """flash-attn installed and loadable: a build for another torch or CUDA fails to import."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as error:  # ImportError or OSError (undefined symbol, missing library)
+        log.warning("flash-attn is installed but does not import (%s); it is not used", error)
+        return False
+    return True
 
 
 def choose_attention(requested: str, device: torch.device) -> str:
