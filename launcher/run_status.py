@@ -97,7 +97,7 @@ def _run_settings(run_dir: Path) -> tuple[int, int]:
 
 
 def _checkpoints(run_dir: Path) -> list[Checkpoint]:
-    from trainer.checkpoint.manager import LATEST, step_folders, verify_step
+    from trainer.checkpoint.steps import LATEST, step_folders, verify_step
 
     root = run_dir / "checkpoints"
     latest_file = root / LATEST

@@ -28,7 +28,7 @@ from trainer_runs import (
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
-from trainer.checkpoint.manager import LATEST, step_dir_name
+from trainer.checkpoint.steps import LATEST, step_dir_name
 from trainer.fault_injection import SLEEP_IN_SAVE_ENV
 from trainer.hf_export import full_state_dict
 

@@ -20,7 +20,6 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -31,21 +30,23 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.atomic import atomic_write_bytes, atomic_write_text
-from trainer.checkpoint.manifest import MANIFEST, check_files, describe_files, list_files, read_manifest
+from trainer.checkpoint.manifest import MANIFEST, describe_files, list_files
 from trainer.checkpoint.rng import rng_state, set_rng_state
+from trainer.checkpoint.steps import (
+    LATEST,
+    ResumePoint,
+    newest_valid_step,
+    step_dir_name,
+    step_folders,
+    step_number,
+    verify_step,
+)
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.fault_injection import sleep_in_save
 
 log = logging.getLogger(__name__)
-
-STEP_PREFIX = "step_"
-LATEST = "latest"
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 def _versions() -> dict[str, str]:
@@ -57,67 +58,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    step_dir: Path
-    manifest: dict[str, Any]
-
-    @property
-    def step(self) -> int:
-        return int(self.manifest["step"])
-
-    @property
-    def world_size(self) -> int:
-        return int(self.manifest["world_size"])
-
-    def train_state(self) -> dict[str, Any]:
-        return json.loads((self.step_dir / "train_state.json").read_text())
-
-
-def verify_step(step_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, None) for a complete checkpoint, else (None, what is wrong). Single process."""
-    try:
-        manifest = read_manifest(step_dir)
-    except ValueError as error:
-        return None, str(error)
-    problem = check_files(step_dir, manifest["files"])
-    return (None, problem) if problem else (manifest, None)
-
-
-def step_folders(root: Path) -> list[Path]:
-    """Step folders, newest first."""
-    if not root.is_dir():
-        return []
-    found = [
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[5:].isdigit()
-    ]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]), reverse=True)
-
-
-def newest_valid_step(root: Path) -> ResumePoint | None:
-    """The newest step whose manifest verifies, warning about each newer one that does not."""
-    _check_latest(root)
-    for folder in step_folders(root):
-        manifest, problem = verify_step(folder)
-        if manifest is not None:
-            return ResumePoint(folder, manifest)
-        log.warning("skipping checkpoint %s: %s", folder, problem)
-    return None
-
-
-def _check_latest(root: Path) -> None:
-    latest = root / LATEST
-    if not root.is_dir() or not any(step_folders(root)):
-        return
-    name = latest.read_text().strip() if latest.is_file() else ""
-    if not name:
-        log.warning("%s is missing or empty; choosing the newest valid step folder instead", latest)
-    elif not (root / name / MANIFEST).is_file():
-        log.warning(
-            "%s names '%s', which is not a complete checkpoint; choosing the newest valid one", latest, name
-        )
 
 
 class CheckpointManager:
@@ -337,9 +277,9 @@ class CheckpointManager:
         """Keep the newest `keep_last` complete steps; incomplete folders older than the newest complete go too."""
         complete = [folder for folder in step_folders(self.root) if (folder / MANIFEST).is_file()]
         keep = {folder.name for folder in complete[: self.config.checkpoint.keep_last]}
-        newest_step = int(complete[0].name[len(STEP_PREFIX) :]) if complete else None
+        newest_step = step_number(complete[0]) if complete else None
         for folder in step_folders(self.root):
-            step = int(folder.name[len(STEP_PREFIX) :])
+            step = step_number(folder)
             if folder.name in keep or newest_step is None or step > newest_step:
                 continue
             log.info("retention: removing %s", folder)
