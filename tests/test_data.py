@@ -7,6 +7,8 @@ import json
 import multiprocessing
 import os
 import socket
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from trainer.data import TokenBatches, build_loader, read_dataset_info
 from trainer.dataset_info import _read_info, node_cache_dir
 from trainer.errors import UserError
 from trainer.mapped_dataset import MappedDataset
+from trainer.shm_cleanup import clean_stale_streaming_shm, streaming_groups
 
 SEED = 17
 
@@ -502,3 +505,37 @@ def test_no_shard_is_mapped_when_a_cache_limit_may_evict_it(dataset: Path, tmp_p
     )
     assert sorted(int(sample["tokens"][0]) for sample in shards) == list(range(64))
     assert shards._shard_files == {} and shards._ready_shards == set()
+
+
+HOLD_A_DATASET = """
+import sys, time
+from streaming import StreamingDataset
+dataset = StreamingDataset(local=sys.argv[1], split="train", batch_size=1)
+print(f"{dataset._shm_prefix_int:06d}", flush=True)
+time.sleep(600)
+"""
+
+
+def test_only_shared_memory_of_stopped_loaders_is_freed(dataset: Path) -> None:
+    """A killed loader's /dev/shm group goes; a live loader's stays (streaming's own clean-up frees both)."""
+
+    def start() -> tuple[subprocess.Popen, str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_A_DATASET, str(dataset)], stdout=subprocess.PIPE, text=True
+        )
+        return proc, proc.stdout.readline().strip()
+
+    live, live_prefix = start()
+    try:
+        stopped, stopped_prefix = start()
+        stopped.kill()
+        stopped.wait()
+        groups = streaming_groups()
+        assert {live_prefix, stopped_prefix} <= set(groups)
+        freed = clean_stale_streaming_shm()
+        assert stopped_prefix in freed and stopped_prefix not in streaming_groups()
+        assert live_prefix not in freed and streaming_groups()[live_prefix] == groups[live_prefix]
+    finally:
+        live.kill()
+        live.wait()
+    assert live_prefix in clean_stale_streaming_shm()  # once its process is gone, its group goes too

@@ -32,14 +32,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from streaming import StreamingDataLoader, StreamingDataset
-from streaming.base.util import clean_stale_shared_memory
 
 from trainer.config import DataConfig
 from trainer.dataset_info import PREPARE_HINT, DatasetInfo, as_tokens, read_dataset_info
 from trainer.errors import UserError
 from trainer.mapped_dataset import MappedDataset
 from trainer.mixture import describe, reseed_weights, split_streams
+from trainer.shm_cleanup import clean_stale_streaming_shm
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +246,15 @@ class TokenBatches:
 
 
 def _clean_stale_shared_memory_once() -> None:
-    """Free /dev/shm left by killed runs, once per process (it would also free live datasets' memory)."""
+    """Free the /dev/shm groups of killed runs (never a live one's), once per process, before any rank registers."""
     global _shm_cleaned
-    if not _shm_cleaned:
-        clean_stale_shared_memory()
-        _shm_cleaned = True
+    if _shm_cleaned:
+        return
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        clean_stale_streaming_shm()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    _shm_cleaned = True
 
 
 def build_loader(
