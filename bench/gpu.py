@@ -8,8 +8,10 @@ backends, optimizer and MFU formula.
 
 Usage on the GPU machine: python bench/gpu.py [--window 10] [--out gpu_bench.md]
 (bench/gpu_check.sh runs it there with the gpu-marked tests, in one call.)
-A missing package (deepspeed on a bare image) skips that row and says so. `--smoke` runs every row's
-code path on the CPU with a 2-layer model, fp32, no compile, one step: a check of this script itself
+A missing package (deepspeed on a bare image) skips that row and says so; a row that fails is recorded
+as failed (and, unless it ran out of memory, measured again without compile), and the table is
+rewritten after every row. `--smoke` runs every row's code path on the CPU with a 2-layer model,
+fp32, no compile, micro batch 2, one warm-up and one timed step: a check of this script itself
 (tests/test_bench.py) before GPU time is spent on it; its figures mean nothing.
 """
 
@@ -27,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer.atomic import atomic_write_text  # noqa: E402
 from trainer.config import batch_plan, load_config  # noqa: E402
-from trainer.distributed import init_distributed  # noqa: E402
+from trainer.distributed import DistEnv, init_distributed  # noqa: E402
 from trainer.metrics import mfu, peak_tflops  # noqa: E402
 from trainer.model import build_model, choose_attention, flash_attn_importable, model_facts  # noqa: E402
 from trainer.parallel import build_backend  # noqa: E402
@@ -54,7 +57,7 @@ ROWS = [
 ]
 
 
-def run_row(env, size: str, micro: int, overrides: list[str], args: argparse.Namespace) -> dict:
+def run_row(env: DistEnv, size: str, micro: int, overrides: list[str], args: argparse.Namespace) -> dict:
     seq_len, micro = (64, 2) if args.smoke else (SEQ_LEN, micro)
     base = [f"model.size={size}", "train.precision=bf16", "train.compile=true", f"train.micro_batch_size={micro}",
             f"train.global_batch_size={micro}", "run.dir=/tmp/gpu-bench", "data.path=unused"]  # fmt: skip
@@ -114,36 +117,35 @@ def main() -> None:
         if "parallel.backend=deepspeed" in overrides and importlib.util.find_spec("deepspeed") is None:
             lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | |")
         else:
-            line, failed = row_line(env, label, size, micro, overrides, args)
-            if failed and not args.smoke and "train.compile=false" not in overrides:
+            line, failure = row_line(env, label, size, micro, overrides, args)
+            if failure == "error" and not args.smoke and "train.compile=false" not in overrides:
                 lines.append(line)  # compile is the likeliest failure on a new image: measure without it
-                label, overrides = (
-                    f"{label}, compile off after the failure",
-                    [*overrides, "train.compile=false"],
-                )
-                line, _ = row_line(env, label, size, micro, overrides, args)
+                print(line, flush=True)
+                label = f"{label}, compile off after the failure"
+                line, _ = row_line(env, label, size, micro, [*overrides, "train.compile=false"], args)
             lines.append(line)
         print(lines[-1], flush=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")  # after every row: a cut-off run keeps its rows
+        atomic_write_text(Path(args.out), "\n".join(lines) + "\n")  # every row: a cut-off run keeps its rows
     print("\n".join(lines))
 
 
-def row_line(env, label: str, size: str, micro: int, overrides: list[str], args) -> tuple[str, bool]:
-    """The table row of one configuration and whether it failed; one row's failure never stops the others."""
+def row_line(
+    env: DistEnv, label: str, size: str, micro: int, overrides: list[str], args: argparse.Namespace
+) -> tuple[str, str | None]:
+    """The table row of one configuration, and None, "oom" or "error": one row's failure never stops the others."""
+    shown_micro = 2 if args.smoke else micro
     try:
         r = run_row(env, size, micro, overrides, args)
     except torch.OutOfMemoryError:
-        return f"| {label} | - | {micro} | out of memory | | |", True
+        return f"| {label} | - | {shown_micro} | out of memory | | |", "oom"
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0][:160]
-        return f"| {label} | - | {micro} | failed: {type(error).__name__}: {reason} | | |", True
+        return f"| {label} | - | {shown_micro} | failed: {type(error).__name__}: {reason} | | |", "error"
     finally:
         release_memory(env.device)
     mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-    return (
-        f"| {label} | {r['attn']} | {micro} | {r['tokens_per_s']:,.0f} | {mfu_text} | {r['mem_gb']:.1f} |",
-        False,
-    )
+    rate = f"{r['tokens_per_s']:,.0f}"
+    return f"| {label} | {r['attn']} | {shown_micro} | {rate} | {mfu_text} | {r['mem_gb']:.1f} |", None
 
 
 def release_memory(device: torch.device) -> None:

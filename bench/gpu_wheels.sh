@@ -7,13 +7,16 @@ set -euo pipefail
 DEST=.whl
 PY=${PY:-.venv/bin/python}
 rm -rf "$DEST" && mkdir -p "$DEST"
+# pydantic and pydantic-core must be a matching pair: take the venv's.
+version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+PYDANTIC="pydantic==$(version pydantic) pydantic-core==$(version pydantic-core)"
 
 # Pure-Python wheels, and binary ones for CPython 3.12 on x86-64 manylinux.
 "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any -d "$DEST" \
     mosaicml-streaming==0.13.0 catalogue brotli python-snappy cramjam zstd \
-    pydantic pydantic-core annotated-types typing-inspection typing-extensions hjson \
+    $PYDANTIC annotated-types typing-inspection typing-extensions hjson \
     omegaconf antlr4-python3-runtime submitit
 
 # DeepSpeed is published as a source archive only: build a pure-Python wheel (no ops compiled; they

@@ -6,9 +6,11 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 from typing import Any
@@ -510,32 +512,55 @@ def test_no_shard_is_mapped_when_a_cache_limit_may_evict_it(dataset: Path, tmp_p
 HOLD_A_DATASET = """
 import sys, time
 from streaming import StreamingDataset
+from trainer.shm_cleanup import register_owner
 dataset = StreamingDataset(local=sys.argv[1], split="train", batch_size=1)
+if sys.argv[2] == "record":
+    register_owner(dataset._shm_prefix_int)
 print(f"{dataset._shm_prefix_int:06d}", flush=True)
 time.sleep(600)
 """
 
 
-def test_only_shared_memory_of_stopped_loaders_is_freed(dataset: Path) -> None:
-    """A killed loader's /dev/shm group goes; a live loader's stays (streaming's own clean-up frees both)."""
+def hold_a_dataset(dataset: Path, record: bool) -> tuple[subprocess.Popen, str]:
+    """A process holding a StreamingDataset, in its own session (so that its resource tracker dies with it)."""
+    command = [sys.executable, "-c", HOLD_A_DATASET, str(dataset), "record" if record else "no"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    return proc, proc.stdout.readline().strip()
 
-    def start() -> tuple[subprocess.Popen, str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLD_A_DATASET, str(dataset)], stdout=subprocess.PIPE, text=True
-        )
-        return proc, proc.stdout.readline().strip()
 
-    live, live_prefix = start()
+def kill_session(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_stopped_loaders_shared_memory_is_freed_and_live_ones_kept(dataset: Path) -> None:
+    """Streaming's own clean-up frees every group, live ones too; ours frees those whose recorded owners died.
+
+    The live loader started after the stopped one, so it maps the stopped one's group too (streaming
+    attaches to every group while it looks for a free number): mapping alone cannot tell them apart.
+    """
+    stopped, stopped_prefix = hold_a_dataset(dataset, record=True)
+    live, live_prefix = hold_a_dataset(dataset, record=True)
     try:
-        stopped, stopped_prefix = start()
-        stopped.kill()
-        stopped.wait()
+        kill_session(stopped)
         groups = streaming_groups()
         assert {live_prefix, stopped_prefix} <= set(groups)
         freed = clean_stale_streaming_shm()
         assert stopped_prefix in freed and stopped_prefix not in streaming_groups()
+        assert not (Path(tempfile.gettempdir()) / f"{stopped_prefix}_barrier_filelock").exists()
         assert live_prefix not in freed and streaming_groups()[live_prefix] == groups[live_prefix]
     finally:
-        live.kill()
-        live.wait()
+        kill_session(live)
     assert live_prefix in clean_stale_streaming_shm()  # once its process is gone, its group goes too
+
+
+def test_group_that_no_loader_of_ours_recorded_is_left_alone(dataset: Path) -> None:
+    other, other_prefix = hold_a_dataset(dataset, record=False)  # another program's, or an older version's
+    kill_session(other)
+    segments = streaming_groups()[other_prefix]
+    try:
+        assert other_prefix not in clean_stale_streaming_shm()
+        assert streaming_groups()[other_prefix] == segments
+    finally:
+        for name in segments:
+            (Path("/dev/shm") / name).unlink(missing_ok=True)

@@ -128,11 +128,16 @@ def _pretrained(source: str, cfg: ModelConfig, attn: str) -> GPT2LMHeadModel:
 
 
 def load_pretrained(source: str | Path, **kwargs: object) -> GPT2LMHeadModel:
-    """`from_pretrained` in fp32, without the progress bar that transformers 5 draws on stderr per load."""
+    """`from_pretrained` in fp32, without the bar that transformers 5 draws on stderr for every load."""
     from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def set_causal_lm_loss(model: torch.nn.Module) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoints: sharded, verified by a manifest written last, resumed exactly (see manager.py)."""
+"""Checkpoints: sharded, verified by a manifest written last, resumed exactly (manager.py saves and resumes; steps.py reads what is on disk)."""
 
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.steps import ResumePoint, newest_valid_step, verify_step

@@ -1,6 +1,6 @@
 """What a checkpoints folder holds: step folders, which of them are complete, the newest one, `latest`.
 
-Single-process reads, usable from the login node (`llm-train status`) as from the trainer.
+Single-process reads, no collectives: `llm-train status` and `export` use them as the trainer does.
 """
 
 from __future__ import annotations
