@@ -98,11 +98,16 @@ def _recorded_owners() -> dict[str, list[tuple[Path, int, str, str]]]:
 
 
 def _unlink_group(prefix: str, segments: list[str]) -> bool:
-    """Lock files first (a prefix without them looks free to streaming), then the segments."""
+    """Lock files, then the segments, `locals` last.
+
+    Streaming picks a new group's number as the largest of the first free number of each segment
+    name, taking a number whose `locals` exists as used. While `locals` stays until the end, a loader
+    that starts meanwhile cannot pick a number whose `locals` another loader holds.
+    """
     for lock in (BARRIER_FILELOCK, CACHE_FILELOCK):
         (Path(tempfile.gettempdir()) / f"{prefix}_{lock}").unlink(missing_ok=True)
     removed = False
-    for name in segments:
+    for name in sorted(segments, key=lambda name: name.endswith(f"_{LOCALS}")):
         try:
             (SHM_DIR / name).unlink()
             removed = True
