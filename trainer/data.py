@@ -40,7 +40,7 @@ from trainer.dataset_info import PREPARE_HINT, DatasetInfo, as_tokens, read_data
 from trainer.errors import UserError
 from trainer.mapped_dataset import MappedDataset
 from trainer.mixture import describe, reseed_weights, split_streams
-from trainer.shm_cleanup import clean_stale_streaming_shm, register_owner
+from trainer.shm_cleanup import clean_stale_streaming_shm
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,6 @@ def build_loader(
         num_canonical_nodes=data.num_canonical_nodes,
         shuffle_block_size=data.shuffle_block_size,
     )
-    register_owner(dataset._shm_prefix_int)
     for stream_id, stream in enumerate(dataset.streams):
         if stream.remote is not None:  # streaming checks hashes only of what it downloads, if told which
             hashes = dataset.shards[dataset.shard_offset_per_stream[stream_id]].hashes

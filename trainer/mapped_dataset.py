@@ -23,6 +23,7 @@ from streaming.base.dataset import _Iterator, _IterState, _ShardState
 from streaming.base.format.mds import MDSReader
 
 from trainer.mds_shard import ShardFile
+from trainer.shm_cleanup import register_owner
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class MappedDataset(StreamingDataset):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        register_owner(self._shm_prefix_int)  # so that a later start can tell when its shared memory is stale
         self._shard_starts = [0, *np.cumsum(self.samples_per_shard).tolist()]
         self._ready_shards: set[int] = set()
         self._shard_files: dict[int, ShardFile] = {}

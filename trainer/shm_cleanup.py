@@ -120,17 +120,17 @@ def _clean() -> list[str]:
     if not SHM_DIR.is_dir() or not Path("/proc/self/stat").is_file():
         return []
     groups, owners = streaming_groups(), _recorded_owners()
+    identities = {prefix: _locals_identity(prefix) for prefix in groups}
     freed = []
     for prefix, segments in sorted(groups.items()):
-        identity = _locals_identity(prefix)
-        records = [r for r in owners.get(prefix, []) if r[3] == identity]  # others describe an older group
+        records = [r for r in owners.get(prefix, []) if r[3] == identities[prefix]]  # others: an older group
         if not records or any(_start_time(pid) == start for _, pid, start, _ in records):
             continue
         if _unlink_group(prefix, segments):
             freed.append(prefix)
     for prefix, records in owners.items():  # records of groups that are gone, or of dead owners
         for record, pid, start, identity in records:
-            if prefix in freed or identity != _locals_identity(prefix) or _start_time(pid) != start:
+            if prefix in freed or identity != identities.get(prefix) or _start_time(pid) != start:
                 record.unlink(missing_ok=True)
     if freed:
         log.info("freed the shared memory of %d stopped data loaders (%s)", len(freed), ", ".join(freed))
