@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test docs lint format clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,8 +19,10 @@ demo: $(STAMP)
 	$(VENV)/bin/llm-train demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check launcher trainer tests bench
-	$(VENV)/bin/pytest -q --durations=12
+	VENV=$(VENV) bash tests/run_suite.sh
+
+docs: $(STAMP)
+	$(PY) -m launcher.config_reference
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check launcher trainer tests bench

@@ -33,8 +33,9 @@ from trainer.atomic import atomic_write_text  # noqa: E402
 from trainer.config import batch_plan, load_config  # noqa: E402
 from trainer.distributed import DistEnv, init_distributed  # noqa: E402
 from trainer.metrics import mfu, peak_tflops  # noqa: E402
-from trainer.model import build_model, choose_attention, flash_attn_importable, model_facts  # noqa: E402
-from trainer.parallel import build_backend  # noqa: E402
+from trainer.models.attention import choose_attention, flash_attn_importable  # noqa: E402
+from trainer.models.build import ModelRecipe, model_facts  # noqa: E402
+from trainer.parallel import build_backend, model_source  # noqa: E402
 
 SEQ_LEN, VOCAB = 1024, 50257
 SMOKE_OVERRIDES = [
@@ -65,10 +66,11 @@ def run_row(env: DistEnv, size: str, micro: int, overrides: list[str], args: arg
         base.append("model.activation_checkpointing=false")
     config = load_config("tiny", [*base, *overrides, *(SMOKE_OVERRIDES if args.smoke else [])])
     plan = batch_plan(config.train, 1, seq_len)
-    attn = choose_attention(config.model.attn, env.device)
-    model = build_model(config.model, VOCAB, seq_len, attn, seed=0)
-    facts = model_facts(model, seq_len)
-    backend = build_backend(config, model, plan, env)
+    attn = choose_attention(config.model.attn, env.device, config.train.precision)
+    source = model_source(ModelRecipe(config.model, VOCAB, seq_len, attn, seed=0), env)
+    facts = model_facts(source.meta(), seq_len)
+    backend = build_backend(config, source, plan, env)
+    del source
     batch = torch.randint(0, VOCAB, (micro, seq_len), device=env.device)
     cuda = env.device.type == "cuda"
     if cuda:

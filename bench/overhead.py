@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.mds_fixtures import write_dataset  # noqa: E402
 from trainer.config import ModelConfig, TrainConfig  # noqa: E402
-from trainer.model import build_model  # noqa: E402
+from trainer.models.build import build_model  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 
 

@@ -31,14 +31,14 @@ from typing import Any
 # Only light imports at module level: the spawned tokenizer workers re-import this file.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.prepare import PrepareOptions, stdlib_corpus_glob  # noqa: E402
+from trainer.data.prepare import PrepareOptions, stdlib_corpus_glob  # noqa: E402
 
 BATCH = 8
 
 
 def _documents() -> list[str]:
-    from trainer.prepare.clean import Counts, clean_documents
-    from trainer.prepare.sources import FileSource, resolve_inputs
+    from trainer.data.prepare.clean import Counts, clean_documents
+    from trainer.data.prepare.sources import FileSource, resolve_inputs
 
     counts = Counts()
     source = FileSource(files=resolve_inputs(stdlib_corpus_glob()), text_field="text")
@@ -47,7 +47,7 @@ def _documents() -> list[str]:
 
 def _fast_encode(tokenizer_file: str, eos_id: int, dtype: str, texts: list[str]) -> tuple[int, float]:
     """The raw baseline: prepare's own worker call (`encode_batch_fast`), nothing around it."""
-    from trainer.prepare.worker import encode_texts
+    from trainer.data.prepare.worker import encode_texts
 
     started = time.process_time()
     tokens, _ = encode_texts(tokenizer_file, eos_id, dtype, texts)
@@ -86,9 +86,9 @@ def _cpu_seconds() -> float:
 def bench_prepare(work: Path, workers: int, repeats: int, seq_len: int) -> dict[str, Any]:
     import multiprocessing
 
-    from trainer.prepare import run_prepare
-    from trainer.prepare.encode import chunk_documents
-    from trainer.prepare.worker import init_process
+    from trainer.data.prepare import run_prepare
+    from trainer.data.prepare.encode import chunk_documents
+    from trainer.data.prepare.worker import init_process
 
     demo = work / "demo"
     started = time.perf_counter()
@@ -104,7 +104,7 @@ def bench_prepare(work: Path, workers: int, repeats: int, seq_len: int) -> dict[
     )
     demo_seconds = time.perf_counter() - started
 
-    from trainer.prepare.clean import Document
+    from trainer.data.prepare.clean import Document
 
     texts = _documents()
     chunks = [chunk for _, chunk in chunk_documents(Document(text, 0.5) for text in texts)]
@@ -203,7 +203,7 @@ def _plain_streaming_rates(split: Path, num_workers: int) -> tuple[float, float,
 def _trainer_loader_rates(folder: Path, num_workers: int) -> tuple[float, float, float] | str:
     try:
         from trainer.config import DataConfig
-        from trainer.data import build_loader
+        from trainer.data.loader import build_loader
 
         config = DataConfig(path=str(folder), num_workers=num_workers, shuffle=False)
         loader = build_loader(config, "train", BATCH, 0, shuffle=False)
@@ -270,7 +270,7 @@ def main() -> None:
         result: dict[str, Any] = {"workers": args.workers, "seq_len": args.seq_len, "cpus": os.cpu_count()}
         result["load_average_before"] = [round(x, 2) for x in os.getloadavg()]
         if args.loader_only:
-            from trainer.prepare import run_prepare
+            from trainer.data.prepare import run_prepare
 
             options = PrepareOptions(
                 inputs=stdlib_corpus_glob(),

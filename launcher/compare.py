@@ -13,8 +13,8 @@ from typing import Any
 
 from trainer.errors import UserError
 from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, validation_losses
-from trainer.generation import check_sampling, sample
-from trainer.hf_export import LoadedModel, load_any, load_tokenizer
+from trainer.models.generation import check_sampling, sample, tidy_sample
+from trainer.models.load import LoadedModel, load_any, load_tokenizer
 from trainer.names import unique_names
 
 
@@ -180,6 +180,6 @@ def format_samples(comparison: Comparison) -> str:
         lines = [f"prompt {item['prompt']!r}"]
         for name, text in item["outputs"].items():
             lines.append(f"  [{name}]")
-            lines += [f"    {line}" for line in text.splitlines() or [""]]
+            lines += [f"    {line}" for line in tidy_sample(item["prompt"], text).splitlines()]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

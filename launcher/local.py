@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from trainer.errors import PEER_FAILED_EXIT
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -63,7 +65,8 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
             code = proc.poll()
             if code not in (None, 0) and failed is None:
                 failed, deadline = code, time.monotonic() + grace_s
-                print(f"llm-train: rank {rank} exited with code {code}; stopping the other ranks",
+                cause = " (its collective failed because of another rank)" if code == PEER_FAILED_EXIT else ""
+                print(f"llm-train: rank {rank} exited with code {code}{cause}; stopping the other ranks",
                       file=sys.stderr, flush=True)  # fmt: skip
         if deadline is not None and time.monotonic() > deadline:
             for proc in procs:
@@ -72,5 +75,5 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
         time.sleep(0.2)
     codes = [proc.returncode for proc in procs]
     if failed is not None:
-        return failed
+        return 1 if failed == PEER_FAILED_EXIT else failed
     return next((code for code in codes if code != 0), 0)

@@ -78,7 +78,9 @@ def parse_time(text: str) -> int:
     """Seconds of a SLURM time limit: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
     match = _TIME.match(str(text).strip())
     if not match:
-        raise UserError(f"time '{text}' is not a SLURM time limit; write HH:MM:SS, e.g. 04:00:00")
+        raise UserError(
+            f"time '{text}' is not a SLURM time limit; write MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 04:00:00"
+        )
     days, first, second, third = (int(part) if part else None for part in match.groups())
     if days is not None:  # D-HH[:MM[:SS]]
         seconds = days * 86400 + first * 3600 + (second or 0) * 60 + (third or 0)

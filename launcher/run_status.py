@@ -19,10 +19,10 @@ from launcher.slurm_job import JOBS_FILE, read_jobs
 from launcher.slurm_query import JobInfo, query_job
 from trainer.config import SlurmConfig, TrainConfig
 from trainer.errors import UserError
-from trainer.goodput import format_duration, format_goodput, summarize
+from trainer.resilience.goodput import format_duration, format_goodput, summarize
+from trainer.resilience.requeue import REQUEUES_FILE
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", JOBS_FILE)
-REQUEUES_FILE = "requeues.json"  # written by trainer.preemption (not imported: it pulls in torch)
 ETA_WINDOW = 20  # train lines
 
 
@@ -50,7 +50,9 @@ class RunStatus:
     s_per_step: float | None = None
     eta_s: float | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
-    goodput: dict[str, Any] | None = None  # trainer.goodput.summarize: allocated time and where it went
+    goodput: dict[str, Any] | None = (
+        None  # trainer.resilience.goodput.summarize: allocated time and where it went
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,6 +60,8 @@ class RunStatus:
 
 def check_run_dir(path: str | Path) -> Path:
     run_dir = Path(path)
+    if not run_dir.exists():
+        raise UserError(f"'{path}' does not exist; pass the run.dir of a run (check the path)")
     if not run_dir.is_dir() or not any((run_dir / name).exists() for name in RUN_MARKERS):
         raise UserError(
             f"'{path}' is not a run folder (no {', '.join(RUN_MARKERS)}); pass the run.dir of a run"
@@ -96,7 +100,10 @@ def _run_settings(run_dir: Path) -> tuple[int, int]:
         return train.max_steps, slurm.max_requeues
 
 
-def _checkpoints(run_dir: Path) -> list[Checkpoint]:
+def _checkpoints(run_dir: Path, verify: bool) -> list[Checkpoint]:
+    """Each step folder, newest first. By default from its manifest and the files' sizes, reading no checkpoint
+    data (a login node must not read 50 GB per `status`); `verify` checksums every file as a resume does."""
+    from trainer.checkpoint.manifest import read_manifest
     from trainer.checkpoint.steps import LATEST, step_folders, verify_step
 
     root = run_dir / "checkpoints"
@@ -104,9 +111,27 @@ def _checkpoints(run_dir: Path) -> list[Checkpoint]:
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
     found = []
     for folder in step_folders(root):
-        manifest, problem = verify_step(folder)
-        found.append(Checkpoint(folder.name, manifest is not None, problem, folder.name == latest))
+        if verify:
+            manifest, problem = verify_step(folder)
+        else:
+            try:
+                manifest, problem = read_manifest(folder), None
+                problem = _size_problem(folder, manifest["files"])
+            except ValueError as error:
+                manifest, problem = None, str(error)
+        found.append(Checkpoint(folder.name, problem is None, problem, folder.name == latest))
     return found
+
+
+def _size_problem(step_dir: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    for name, expected in sorted(files.items()):
+        try:
+            size = (step_dir / name).stat().st_size
+        except FileNotFoundError:
+            return f"{name} is missing"
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, the manifest says {expected['size']}"
+    return None
 
 
 def _segment(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -133,9 +158,14 @@ def _overall_state(
     last = events[-1] if events else None
     at_step = f" at step {last['step']}" if last is not None else ""
     if latest is not None and latest.active:
+        why = (
+            f": {pending_reason(latest.reason)}"
+            if latest.state == "PENDING" and pending_reason(latest.reason)
+            else ""
+        )
         if latest.state == "PENDING" and latest.restarts:
-            return f"requeued, waiting to resume (restart {latest.restarts})", False
-        return latest.state.lower(), False
+            return f"requeued, waiting to resume (restart {latest.restarts}){why}", False
+        return f"{latest.state.lower()}{why}", False
     if last is not None and last["event"] == "done":
         return f"finished{at_step}", False
     if job is not None and job.get("cancelled"):
@@ -162,8 +192,32 @@ def _overall_state(
     return f"job completed{at_step}", False
 
 
-def read_status(path: str | Path) -> RunStatus:
+PENDING_REASONS = {
+    "Priority": "other jobs have a higher priority",
+    "Resources": "waiting for nodes to become free",
+    "BeginTime": "waiting for its start time (SLURM delays a requeued job briefly)",
+    "PartitionConfig": "the partition cannot run this layout (nodes, GPUs or time limit): resubmit with another",
+    "PartitionNodeLimit": "more nodes than the partition allows per job: resubmit with fewer --nodes",
+    "PartitionTimeLimit": "a time limit above the partition's: resubmit with a shorter --time",
+    "ReqNodeNotAvail": "a required node is down or reserved",
+    "QOSMaxGRESPerUser": "your QOS's GPU limit is reached by your other jobs",
+    "AssocGrpGRES": "your account's GPU limit is reached",
+    "JobHeldUser": "held by you (scontrol release JOBID)",
+    "JobHeldAdmin": "held by an administrator",
+    "Dependency": "waiting for another job",
+}
+
+
+def pending_reason(reason: str | None) -> str | None:
+    """SLURM's pending reason code with what it means, e.g. 'Priority (other jobs have a higher priority)'."""
+    if not reason or reason == "None":
+        return None
+    return f"{reason} ({PENDING_REASONS[reason]})" if reason in PENDING_REASONS else reason
+
+
+def read_status(path: str | Path, verify: bool = False) -> RunStatus:
     run_dir = check_run_dir(path)
+    checkpoints = _checkpoints(run_dir, verify)  # before the metrics: progress is never behind a checkpoint
     records = read_records(run_dir)
     events = [r for r in records if "event" in r]
     last_step, max_requeues = _run_settings(run_dir)
@@ -183,7 +237,7 @@ def read_status(path: str | Path) -> RunStatus:
         max_requeues=max_requeues,
         cap_reached=cap_reached,
         max_steps=last_step,
-        checkpoints=_checkpoints(run_dir),
+        checkpoints=checkpoints,
         goodput=summarize(run_dir),
     )
     train_lines = [r for r in records if "loss" in r]
@@ -193,9 +247,12 @@ def read_status(path: str | Path) -> RunStatus:
         status.tokens_per_s = newest.get("tokens_per_s")
         if "time" in newest:
             status.updated_s_ago = round(time.time() - newest["time"], 1)
+    newest_checkpoint = next((int(c.name.split("_")[-1]) for c in checkpoints if c.valid), None)
+    if newest_checkpoint is not None and (status.step is None or status.step < newest_checkpoint):
+        status.step = newest_checkpoint  # its train line may not be logged (log.every_steps)
     status.s_per_step = _seconds_per_step(_segment(records))
-    # An ETA only for a run that is training or about to: a live job, or a local run still logging.
-    live = latest.active if latest is not None else bool(events) and events[-1]["event"] != "done"
+    # An ETA only while training runs: a running job, or a local run still logging (not one that is held).
+    live = latest.state == "RUNNING" if latest is not None else bool(events) and events[-1]["event"] != "done"
     if status.s_per_step is not None and status.step is not None and live:
         status.eta_s = round(max(last_step - status.step, 0) * status.s_per_step, 1)
     return status
@@ -208,7 +265,9 @@ def format_status(status: RunStatus) -> str:
     left = "no requeues left" if status.requeues >= status.max_requeues else "cap not reached"
     rows.append(("requeues", f"{status.requeues} of at most {status.max_requeues} ({left})"))
     if status.step is not None:
-        progress = f"step {status.step}/{status.max_steps}, loss {status.loss:.4f}"
+        progress = f"step {status.step}/{status.max_steps}"
+        if status.loss is not None:
+            progress += f", loss {status.loss:.4f}"
         if status.tokens_per_s is not None:
             progress += f", {status.tokens_per_s:,.0f} tokens/s"
         if status.updated_s_ago is not None:

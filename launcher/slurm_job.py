@@ -22,9 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from launcher.profiles import ClusterProfile, format_time
+from launcher.slurm_query import PartitionSize
 from launcher.slurm_task import run_task
 from trainer.atomic import atomic_write_text
-from trainer.config import BatchPlan, Config, batch_plan, load_config, to_yaml
+from trainer.config import (
+    CONFIGS_DIR,
+    BatchPlan,
+    Config,
+    batch_plan,
+    load_config,
+    resolve_config_path,
+    to_yaml,
+)
 from trainer.errors import UserError
 
 SUBMITIT_DIR = "submitit"
@@ -78,10 +87,14 @@ def _with_absolute_paths(config: Config) -> Config:
 
 def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> Submission:
     """Resolve and validate the run config for this profile: a bad config never reaches the queue."""
-    from trainer.data import read_dataset_info  # torch and streaming: not for `llm-train --help`
-    from trainer.mixture import check_mixture
+    from trainer.checkpoint.compatibility import resume_conflicts  # torch: not for `llm-train --help`
+    from trainer.data.loader import read_dataset_info
+    from trainer.data.mixture import check_mixture
 
     config = _with_absolute_paths(load_config(config_arg, overrides))
+    conflicts = resume_conflicts(config, Path(config.run.dir))
+    if conflicts:
+        raise UserError(conflicts[0])
     info = read_dataset_info(config.data.path, config.data.remote)
     check_mixture(config.data, info)
     try:
@@ -100,6 +113,33 @@ def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> S
             "lower slurm.signal_lead_s or raise --time"
         )
     return Submission(config, profile, plan)
+
+
+def check_run_dir_given(config_arg: str, overrides: list[str]) -> None:
+    """A submitted run names its folder: a preset's run.dir (runs/tiny) would mix every run made from it."""
+    if any(item.split("=", 1)[0].strip() == "run.dir" for item in overrides):
+        return
+    if resolve_config_path(config_arg).resolve().is_relative_to(CONFIGS_DIR.resolve()):
+        raise UserError(
+            f"submit needs a run.dir of its own: the preset '{config_arg}' would write into its default "
+            "folder; add run.dir=/shared/runs/NAME (a folder the compute nodes see)"
+        )
+
+
+def check_fits(profile: ClusterProfile, size: PartitionSize | None) -> None:
+    """Refuse a layout the partition can never run (it would wait in the queue forever)."""
+    if size is None:
+        return
+    if profile.nodes > size.nodes:
+        raise UserError(
+            f"--nodes {profile.nodes}: partition '{profile.partition}' has {size.nodes} node(s); "
+            f"use --nodes {size.nodes} or fewer, or another partition"
+        )
+    if profile.gpus_per_node > size.max_gpus_per_node:
+        raise UserError(
+            f"--gpus-per-node {profile.gpus_per_node}: the nodes of partition '{profile.partition}' have at most "
+            f"{size.max_gpus_per_node} GPU(s); use --gpus-per-node {size.max_gpus_per_node} or another partition"
+        )
 
 
 def sbatch_parameters(sub: Submission) -> dict[str, Any]:

@@ -127,6 +127,36 @@ def partition_exists(name: str) -> bool | None:
     return bool(result.stdout.strip())
 
 
+@dataclass(frozen=True)
+class PartitionSize:
+    nodes: int
+    max_gpus_per_node: int
+
+
+def parse_gpus(gres: str) -> int:
+    """GPUs per node from sinfo's %G: 'gpu:8', 'gpu:a100:4(S:0-1),shard:8', '(null)' -> 8, 4, 0."""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def partition_size(name: str) -> PartitionSize | None:
+    """How many nodes the partition has and the most GPUs one of them has; None when sinfo cannot say."""
+    result = _run(["sinfo", "-h", "-p", name, "-o", "%D %G"])
+    if result is None or result.returncode != 0 or not result.stdout.strip():
+        return None
+    nodes, gpus = 0, 0
+    for line in result.stdout.splitlines():
+        count, _, gres = line.strip().partition(" ")
+        if count.isdigit():
+            nodes += int(count)
+            gpus = max(gpus, parse_gpus(gres.strip()))
+    return PartitionSize(nodes, gpus)
+
+
 def partitions() -> list[str]:
     result = _run(["sinfo", "-h", "-o", "%P"])
     if result is None or result.returncode != 0:

@@ -40,7 +40,7 @@ class PreparedData:
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> PreparedData:
     """Demo-style data: a few standard-library files, prepared with an offline BPE, seq-len 64."""
-    from trainer.prepare import PrepareOptions, run_prepare
+    from trainer.data.prepare import PrepareOptions, run_prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("demo-data") / "data"
@@ -65,3 +65,21 @@ def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
         runs[backend] = tmp_path_factory.mktemp(f"straight-{backend}")
         train(runs[backend], demo_dataset.path, nproc=2, overrides=overrides(backend))
     return runs
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One prominent line when SLURM tests were skipped, with the command that enables them.
+
+    `make test` (tests/run_suite.sh) repeats it as the last line of its output, through $LLM_TEST_SUMMARY_FILE.
+    """
+    skipped = [report for report in terminalreporter.stats.get("skipped", []) if "slurm" in report.keywords]
+    if not skipped:
+        return
+    line = (
+        f"{len(skipped)} SLURM tests were SKIPPED: the local SLURM cluster is not running; "
+        "enable them with `sudo bash slurm/cluster.sh start` (or run `make test` as root on Debian/Ubuntu)"
+    )
+    terminalreporter.write_sep("!", line, red=True, bold=True)
+    summary_file = os.environ.get("LLM_TEST_SUMMARY_FILE")
+    if summary_file:
+        Path(summary_file).write_text(line + "\n")

@@ -29,8 +29,8 @@ from trainer_runs import (
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
 from trainer.checkpoint.steps import LATEST, step_dir_name
-from trainer.fault_injection import SLEEP_IN_SAVE_ENV
-from trainer.hf_export import full_state_dict
+from trainer.models.load import full_state_dict
+from trainer.resilience.fault_injection import SLEEP_IN_SAVE_ENV
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -222,7 +222,7 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.config import load_config
-    from trainer.model import build_model
+    from trainer.models.build import build_model
 
     out = tmp_path / "hf"
     assert cli_main(["export", str(straight[backend]), "--out", str(out)]) == 0

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
-
 import pytest
 
 from launcher.cli import main as cli_main
-from trainer.config import CONFIGS_DIR, MODEL_SHAPES, Config, batch_plan, load_config, model_shape, to_yaml
+from trainer.config import CONFIGS_DIR, MODEL_SHAPES, batch_plan, load_config, model_shape, to_yaml
 from trainer.errors import UserError
-from trainer.model import build_model
+from trainer.models.build import build_model
 
 PRESETS = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
 GPT2_PARAMS = {"gpt2-124m": 124.4e6, "gpt2-350m": 354.8e6, "gpt2-774m": 774.0e6, "gpt2-1.5b": 1557.6e6}
@@ -116,11 +113,3 @@ def test_batch_plan_remainder_names_the_three_numbers():
         batch_plan(config.train, 5)
     assert "train.global_batch_size=24" in str(error.value)
     assert "train.micro_batch_size=4" in str(error.value) and "world size 5" in str(error.value)
-
-
-def test_readme_config_reference_lists_every_key():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for section in dataclasses.fields(Config):
-        for field in dataclasses.fields(section.default_factory):
-            key = f"{section.name}.{'async' if field.name == 'async_save' else field.name}"
-            assert f"`{key}`" in readme, key

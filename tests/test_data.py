@@ -25,11 +25,11 @@ from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
 
 from trainer.config import DataConfig, StreamConfig
-from trainer.data import TokenBatches, build_loader, read_dataset_info
-from trainer.dataset_info import _read_info, node_cache_dir
+from trainer.data.dataset_info import _read_info, node_cache_dir
+from trainer.data.loader import TokenBatches, build_loader, read_dataset_info
+from trainer.data.mapped_dataset import MappedDataset
+from trainer.data.shm_cleanup import clean_stale_streaming_shm, streaming_groups
 from trainer.errors import UserError
-from trainer.mapped_dataset import MappedDataset
-from trainer.shm_cleanup import clean_stale_streaming_shm, streaming_groups
 
 SEED = 17
 
@@ -512,7 +512,7 @@ def test_no_shard_is_mapped_when_a_cache_limit_may_evict_it(dataset: Path, tmp_p
 HOLD_A_DATASET = """
 import sys, time
 from streaming import StreamingDataset
-from trainer.shm_cleanup import register_owner
+from trainer.data.shm_cleanup import register_owner
 dataset = StreamingDataset(local=sys.argv[1], split="train", batch_size=1)
 if sys.argv[2] == "record":
     register_owner(dataset._shm_prefix_int)

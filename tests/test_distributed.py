@@ -1,24 +1,68 @@
-"""Rank discovery from torchrun variables, then SLURM's, then a single process."""
+"""Rank discovery from torchrun variables, then SLURM's, then a single process; master host and port."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
-from trainer.distributed import detect_env, first_host
+from trainer.distributed import DEFAULT_PORT, detect_env, first_host, master_host, slurm_port
+
+NODELISTS = [
+    ("node1", "node1"),
+    ("node[1-2]", "node1"),
+    ("gpu[003-005,9],cpu1", "gpu003"),
+    ("a01,b02", "a01"),
+    ("n[7,2]", "n7"),
+    ("rack[1-2]-gpu[01-08]", "rack1-gpu01"),
+    ("rack[3,5]-gpu[008-016],rack9-gpu1", "rack3-gpu008"),
+    ("a[1,3-5],b7", "a1"),
+    ("gpu[0007]", "gpu0007"),
+]
 
 
-@pytest.mark.parametrize(
-    ("nodelist", "host"),
-    [
-        ("node1", "node1"),
-        ("node[1-2]", "node1"),
-        ("gpu[003-005,9],cpu1", "gpu003"),
-        ("a01,b02", "a01"),
-        ("n[7,2]", "n7"),
-    ],
-)
+@pytest.mark.parametrize(("nodelist", "host"), NODELISTS)
 def test_first_host_of_slurm_nodelist(nodelist, host):
     assert first_host(nodelist) == host
+
+
+@pytest.mark.parametrize("nodelist", ["", "a[1", "a]1[", ","])
+def test_unparseable_nodelist_is_an_error_naming_it(nodelist):
+    with pytest.raises(ValueError, match="cannot parse SLURM node list"):
+        first_host(nodelist)
+
+
+@pytest.mark.skipif(
+    shutil.which("scontrol") is None, reason="scontrol is not installed (the local SLURM cluster)"
+)
+@pytest.mark.parametrize(("nodelist", "host"), NODELISTS)
+def test_master_host_is_scontrols_first_hostname(nodelist, host):
+    scontrol = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True
+    )
+    master_host.cache_clear()
+    assert master_host(nodelist) == scontrol.stdout.split()[0] == host
+
+
+def test_master_host_without_scontrol_parses_the_nodelist(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no scontrol on this PATH
+    master_host.cache_clear()
+    try:
+        assert master_host("rack[1-2]-gpu[01-08]") == "rack1-gpu01"
+    finally:
+        master_host.cache_clear()
+
+
+@pytest.mark.parametrize("job_id", [0, 1, 4242, 9999, 10000, 12345, 2**31 - 1, 10**12 + 7])
+def test_slurm_port_stays_in_20000_29999_for_any_job_id(job_id):
+    port = slurm_port(job_id)
+    assert 20000 <= port <= 29999  # below the ephemeral range 32768-60999, above the privileged ports
+
+
+def test_neighbouring_jobs_get_different_ports():
+    assert len({slurm_port(job_id) for job_id in range(123456, 123456 + 100)}) == 100
 
 
 def test_torchrun_variables_win():
@@ -47,9 +91,15 @@ def test_slurm_variables_when_torchrun_is_absent():
     )
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (5, 8, 1, 4, 1)
     assert env.master_addr == "gpu12"
-    assert env.master_port == 29500 + 4242
+    assert env.master_port == slurm_port(4242) == 24242
+
+
+def test_slurm_master_port_variable_wins_over_the_job_id():
+    env = detect_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "77", "MASTER_PORT": "29999"})
+    assert env.master_port == 29999
 
 
 def test_single_process_default():
     env = detect_env({})
     assert (env.rank, env.world_size, env.local_rank, env.is_main) == (0, 1, 0, True)
+    assert env.master_port == DEFAULT_PORT

@@ -74,7 +74,7 @@ def test_without_a_fail_line_the_exit_code_is_0(bare_run):
 
 def test_a_prepared_dataset_and_a_writable_run_dir_are_ok(capsys, tmp_path, demo_dataset):
     code, checks = doctor(capsys, "tiny", f"run.dir={tmp_path / 'run'}", f"data.path={demo_dataset.path}")
-    for name in ("config", "data", "batch", "run-folder"):
+    for name in ("config", "data", "batch", "memory", "run-folder"):
         assert checks[name][0] == "ok", checks[name]
     assert str(demo_dataset.path) in checks["data"][1]
     assert str(tmp_path / "run") in checks["run-folder"][1]
@@ -147,8 +147,41 @@ def test_a_config_error_is_a_fail_line_naming_the_key_and_exits_2(capsys, tmp_pa
     checks = {check["name"]: check for check in json.loads(capsys.readouterr().out)}
     assert checks["config"]["status"] == "fail"
     assert key in checks["config"]["detail"]
-    assert checks["data"]["status"] == "fail"  # not checked without a config
+    assert [name for name, check in checks.items() if check["status"] == "fail"] == ["config"], (
+        "one cause, one fail line"
+    )
     assert code == 2
+
+
+def test_cluster_layout_decides_the_batch_check(capsys, tmp_path, demo_dataset):
+    """A batch that divides for this machine's one rank but not for the job's two is a fail naming the numbers."""
+    args = [
+        "tiny",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.path={demo_dataset.path}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=8",
+    ]
+    code, here = doctor(capsys, *args)
+    assert here["batch"][0] == "ok" and "this machine" in here["batch"][1], here["batch"]
+    code, job = doctor(capsys, *args, "--cluster", "local", "--nodes", "2")
+    status, detail = job["batch"]
+    assert status == "fail" and code == 2, job["batch"]
+    assert "world size 2" in detail and "8" in detail and "micro_batch_size" in detail, detail
+
+
+def test_parameter_count_is_the_real_models(tmp_path, demo_dataset):
+    from transformers import GPT2LMHeadModel
+
+    from launcher.doctor.run import count_params, dataset_info
+    from trainer.models.gpt2 import gpt2_config
+
+    config = config_for(demo_dataset.path, tmp_path)
+    info = dataset_info(config)
+    real = GPT2LMHeadModel(gpt2_config(config.model, info.vocab_size, info.seq_len))
+    assert count_params(config, info) == (sum(p.numel() for p in real.parameters()), "")
+    count, note = count_params(config, None)
+    assert "assumed" in note and count > real.num_parameters()
 
 
 @no_gpu

@@ -34,7 +34,7 @@ def run_a(straight, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def other_data(demo_dataset, tmp_path_factory) -> Path:
     """A second dataset, other source files tokenized with the demo dataset's tokenizer."""
-    from trainer.prepare import PrepareOptions, run_prepare
+    from trainer.data.prepare import PrepareOptions, run_prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = tmp_path_factory.mktemp("other-data") / "other"

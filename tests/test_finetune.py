@@ -13,10 +13,10 @@ from trainer_runs import read_metrics, since_last_start, train
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
 from trainer.config import load_config
+from trainer.data.prepare import PrepareOptions, run_prepare
 from trainer.evaluation import validation_loss
-from trainer.hf_export import full_state_dict, load_any
-from trainer.model import build_model
-from trainer.prepare import PrepareOptions, run_prepare
+from trainer.models.build import build_model
+from trainer.models.load import full_state_dict, load_any
 
 # Other standard-library files than the demo corpus's: a second domain with the same tokenizer.
 SECOND_CORPUS = ("argparse.py", "difflib.py", "pprint.py", "tokenize.py")
@@ -113,3 +113,32 @@ def test_submit_gives_the_job_absolute_fine_tuning_paths(
     assert submission.config.model.init_from == str(exported)
     assert submission.config.checkpoint.resume == str(straight["fsdp"])
     assert submission.config.checkpoint.load == "weights_only"
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_a_resumed_init_from_run_trains_with_activation_checkpointing(
+    backend, exported, demo_dataset, tmp_path, monkeypatch
+):
+    """init_from an HF folder (from_pretrained hands back a model in eval mode), resumed from the run's own
+    checkpoint, so no step-0 evaluation puts it in train mode: the first step trains in train mode, and
+    activation checkpointing recomputes every block in backward (transformers does only in train mode).
+
+    tests/rank_hooks/sitecustomize.py counts each block's forward calls during the ranks' first step.
+    """
+    import json
+    import os
+
+    extra = [f"parallel.backend={backend}", f"model.init_from={exported}", "model.activation_checkpointing=true",
+             "train.max_steps=2", "checkpoint.every_steps=1", "train.global_batch_size=8", "train.micro_batch_size=2"]  # fmt: skip
+    train(tmp_path, demo_dataset.path, nproc=2, overrides=[*extra, "train.stop_at_step=1"])
+    hooks = str(Path(__file__).resolve().parent / "rank_hooks")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("LLM_TEST_FIRST_STEP", str(tmp_path / "first-step"))
+    again = since_last_start(train(tmp_path, demo_dataset.path, nproc=2, overrides=extra))
+    assert next(r for r in again if r.get("event") == "resume")["step"] == 1
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"first-step.rank{rank}.json").read_text())
+        assert record["step"] == 2 and record["training"], record
+        # Per micro batch, each block's forward runs twice: in the forward pass and recomputed in backward.
+        assert record["grad_accum"] == 2
+        assert record["block_calls"] == [2 * record["grad_accum"]] * len(record["block_calls"]), record

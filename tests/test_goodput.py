@@ -9,7 +9,7 @@ from pathlib import Path
 
 from launcher.cli import main as cli_main
 from trainer.config import load_config, to_yaml
-from trainer.goodput import LEDGER_DIR, GoodputClock, format_goodput, summarize
+from trainer.resilience.goodput import LEDGER_DIR, GoodputClock, format_goodput, summarize
 
 SLACK = 0.15  # seconds a sleep may overshoot on a busy machine
 

@@ -4,8 +4,6 @@ folders, and the in-job signal hand-over. The real jobs are in tests/slurm/test_
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -18,7 +16,6 @@ from launcher.cli import build_parser
 from launcher.cli import main as cli_main
 from launcher.profiles import format_time, load_profile, parse_time, with_overrides
 from launcher.slurm_query import JobInfo
-from launcher.slurm_task import HeldSignals
 from trainer.checkpoint.manifest import MANIFEST, describe_files
 from trainer.config import load_config, to_yaml
 from trainer.errors import UserError
@@ -274,37 +271,12 @@ def test_status_without_slurm_or_jobs(capsys, tmp_path):
 
 @pytest.mark.parametrize("command", ["status", "cancel"])
 def test_status_and_cancel_reject_a_folder_that_is_not_a_run(capsys, tmp_path, command):
-    for path in (tmp_path, tmp_path / "missing"):
+    for path, says in ((tmp_path, "is not a run folder"), (tmp_path / "missing", "does not exist")):
         code, out, err = cli(capsys, command, str(path))
-        assert code == 2 and "is not a run folder" in err and len(err.strip().splitlines()) == 1, err
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cancel_needs_a_submitted_run(capsys, tmp_path):
     (tmp_path / "config.yaml").write_text("run: {}\n")
     code, _, err = cli(capsys, "cancel", str(tmp_path))
     assert code == 2 and "has no SLURM job" in err
-
-
-# ---- in the job: the signal hand-over ------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_signals():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGCONT)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-def test_a_signal_before_the_trainer_is_ready_is_resent_to_its_handler(restore_signals):
-    held = HeldSignals()
-    os.kill(os.getpid(), signal.SIGUSR2)
-    deadline = time.monotonic() + 5
-    while held.held is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert held.held == signal.SIGUSR2
-    received: list[int] = []
-    signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))  # the trainer's StopSignals
-    while not received and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert received == [signal.SIGUSR2]

@@ -18,9 +18,9 @@ from trainer_runs import BATCH, losses, train
 
 from launcher.cli import main as cli_main
 from trainer.config import DataConfig, StreamConfig, load_config
-from trainer.data import TokenBatches, build_loader
+from trainer.data.loader import TokenBatches, build_loader
+from trainer.data.mapped_dataset import MappedDataset
 from trainer.errors import UserError
-from trainer.mapped_dataset import MappedDataset
 
 SEED = 17
 # Sample ids (first token): web 0..199, code 200..319. Sizes differ so that the shard boundaries of the two
@@ -231,7 +231,7 @@ def test_fast_path_yields_the_mixture_batches_of_streamings_own_path(
 
 
 def test_llm_train_with_two_processes_trains_on_a_mixture(demo_dataset: Any, tmp_path: Path) -> None:
-    from trainer.prepare import PrepareOptions, run_prepare
+    from trainer.data.prepare import PrepareOptions, run_prepare
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     other = tmp_path / "other"

@@ -23,8 +23,8 @@ import pytest
 from streaming import StreamingDataset
 
 from launcher.cli import main
-from trainer.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
-from trainer.prepare.clean import digest_fraction, text_digest
+from trainer.data.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
+from trainer.data.prepare.clean import digest_fraction, text_digest
 
 EOS = "<|endoftext|>"
 WORDS = (
@@ -371,7 +371,7 @@ def test_no_dedupe_keeps_duplicates(
 
 
 def _raise_after(monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.prepare.pipeline as pipeline
+    import trainer.data.prepare.pipeline as pipeline
 
     write_splits = pipeline.write_splits
 
@@ -412,8 +412,8 @@ def test_killed_prepare_never_leaves_a_complete_looking_folder(
     out = tmp_path / "data"
     script = f"""
 import os
-import trainer.prepare.pipeline as pipeline
-from trainer.prepare import PrepareOptions
+import trainer.data.prepare.pipeline as pipeline
+from trainer.data.prepare import PrepareOptions
 
 write_splits = pipeline.write_splits
 def write_then_die(*args, **kwargs):
@@ -685,7 +685,7 @@ def test_append_adds_the_new_documents_split_and_packed_by_the_parents_rules(
 
 def test_appended_dataset_is_read_whole_by_the_training_loader(appended: dict) -> None:
     from trainer.config import DataConfig
-    from trainer.data import build_loader
+    from trainer.data.loader import build_loader
 
     out = appended["out"]
     for split in ("train", "val"):

@@ -10,7 +10,9 @@ from trainer_runs import losses, read_metrics, train
 
 from launcher.cli import main as cli_main
 from trainer.config import ModelConfig
-from trainer.model import build_model, choose_attention
+from trainer.errors import UserError
+from trainer.models.attention import choose_attention
+from trainer.models.build import build_model
 from trainer.optim import lr_at
 
 
@@ -120,27 +122,40 @@ def test_activation_checkpointing_gives_the_same_loss():
 
 
 @pytest.mark.parametrize(
-    ("capability", "flash_installed", "expected"),
+    ("capability", "flash_installed", "precision", "expected"),
     [
-        ((9, 0), True, "flash_attention_2"),
-        ((8, 0), True, "flash_attention_2"),
-        ((7, 5), True, "sdpa"),
-        ((9, 0), False, "sdpa"),
+        ((9, 0), True, "bf16", "flash_attention_2"),
+        ((8, 0), True, "bf16", "flash_attention_2"),
+        ((8, 0), True, "fp16", "flash_attention_2"),
+        ((9, 0), True, "fp32", "sdpa"),  # flash-attn takes only half precision
+        ((8, 0), True, "fp32", "sdpa"),
+        ((7, 5), True, "bf16", "sdpa"),
+        ((9, 0), False, "bf16", "sdpa"),
+        ((9, 0), False, "fp32", "sdpa"),
     ],
 )
-def test_auto_attention_choice(monkeypatch, capability, flash_installed, expected):
+def test_auto_attention_choice(monkeypatch, capability, flash_installed, precision, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr("trainer.model.flash_attn_importable", lambda: flash_installed)
-    assert choose_attention("auto", torch.device("cuda", 0)) == expected
+    monkeypatch.setattr("trainer.models.attention.flash_attn_importable", lambda: flash_installed)
+    assert choose_attention("auto", torch.device("cuda", 0), precision) == expected
+
+
+def test_flash_attention_forced_in_fp32_is_a_user_error_naming_both_keys(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr("trainer.models.attention.flash_attn_importable", lambda: True)
+    assert choose_attention("flash_attention_2", torch.device("cuda", 0), "bf16") == "flash_attention_2"
+    with pytest.raises(UserError, match=r"model\.attn=flash_attention_2 .*train\.precision=fp32") as raised:
+        choose_attention("flash_attention_2", torch.device("cuda", 0), "fp32")
+    assert "\n" not in str(raised.value)
 
 
 def test_auto_attention_on_cpu_is_sdpa():
-    assert choose_attention("auto", torch.device("cpu")) == "sdpa"
+    assert choose_attention("auto", torch.device("cpu"), "bf16") == "sdpa"
 
 
 def test_auto_attention_falls_back_to_eager_without_sdpa(monkeypatch):
     monkeypatch.delattr(torch.nn.functional, "scaled_dot_product_attention")
-    assert choose_attention("auto", torch.device("cpu")) == "eager"
+    assert choose_attention("auto", torch.device("cpu"), "fp32") == "eager"
 
 
 def test_tied_embeddings_stay_tied():

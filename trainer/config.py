@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses, YAML + `key=value` loading, validation, the batch plan.
 
-Every field's docstring is the config reference; README.md lists the same keys.
+Every field's docstring is the config reference: docs/config.md is generated from them (make docs).
 """
 
 from __future__ import annotations
@@ -159,7 +159,8 @@ class TrainConfig:
     compile: bool = False
     """torch.compile each transformer block."""
     peak_tflops: float | None = None
-    """Peak dense TFLOP/s of one device for MFU; None uses the known peak of the GPU (H100, H200, A100)."""
+    """Peak dense bf16 TFLOP/s of one device for MFU; None uses the known peak of the GPU by its exact name
+    (H100 SXM/PCIe/NVL, H200, B200, A100 40/80 GB, L40S, L4, ...; unknown GPUs: no MFU)."""
     on_nonfinite: str = "stop"
     """A NaN/inf loss or gradient norm: stop | skip_batch (drop the batch, retry the step with the next one) |
     rollback (reload the newest checkpoint, skip the offending batch, go on). Either way no update is applied."""
@@ -299,9 +300,7 @@ def _explain(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None) or ""
     key = key.replace("async_save", "async")
     if isinstance(error, ConfigKeyError):
-        return (
-            f"unknown config key '{key}'; remove it or check the spelling against README's config reference"
-        )
+        return f"unknown config key '{key}'; remove it or check the spelling against docs/config.md"
     if isinstance(error, MissingMandatoryValue):
         return f"config key '{key}' is required; set it in the YAML or pass {key}=VALUE"
     if isinstance(error, ValidationError):

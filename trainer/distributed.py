@@ -3,13 +3,21 @@
 Rank, world size and master address come from torchrun-style variables when present, else from
 SLURM's, else a single process. Whatever the source, the torchrun variables are exported so that
 torch.distributed and mosaicml-streaming (which reads RANK/WORLD_SIZE/LOCAL_*) agree.
+
+GPU binding. Sites give a task either every GPU of its node (it uses `cuda:LOCAL_RANK`) or only its
+own (`--gpus-per-task=1`, `--gpu-bind=single:1`, per-task cgroups: every task sees its GPU as
+`cuda:0`). `choose_device` maps a rank to `local_rank % visible devices`, which is right in both
+cases, and refuses a layout where two ranks of a node would share a GPU (see its docstring for the rule).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,9 +26,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from trainer.errors import UserError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
+"""Without SLURM (torchrun's default); under SLURM the port comes from the job id (`slurm_port`)."""
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+"""Ports 20000-29999: below Linux's ephemeral range (32768-60999), where an outgoing connection of any
+process may hold the port, and above the privileged ones; two jobs sharing a node collide only when
+their ids are equal modulo 10000."""
 
 
 @dataclass(frozen=True)
@@ -42,18 +57,137 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        """This rank's device (`choose_device`); a UserError when the node's ranks would share a GPU."""
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return choose_device(self.local_rank, self.local_world_size, count, os.environ)
+
+
+def _id_count(value: str | None) -> int | None:
+    """How many GPU ids a SLURM list such as '0,1,2,3' names; None when unset or empty."""
+    ids = [item for item in (value or "").split(",") if item.strip()]
+    return len(ids) or None
+
+
+def node_gpu_count(device_count: int, environ: Mapping[str, str]) -> int | None:
+    """How many GPUs the ranks of this node have among them, when the environment tells; else None.
+
+    - SLURM_JOB_GPUS: the job's GPUs on the node, as global ids, never narrowed to one task.
+    - SLURM_STEP_GPUS: the step's, but under per-task binding it may list only this task's GPUs:
+      it counts only when it names more GPUs than this process sees.
+    - torchrun (TORCHELASTIC_RUN_ID) gives every worker of a node the same environment, and without
+      CUDA_VISIBLE_DEVICES no binding narrowed what this process sees: in both cases the node's ranks
+      see the same `device_count` GPUs.
+    """
+    job_gpus = _id_count(environ.get("SLURM_JOB_GPUS"))
+    if job_gpus is not None:
+        return job_gpus
+    step_gpus = _id_count(environ.get("SLURM_STEP_GPUS"))
+    if step_gpus is not None and step_gpus > device_count:
+        return step_gpus
+    if "TORCHELASTIC_RUN_ID" in environ or "CUDA_VISIBLE_DEVICES" not in environ:
+        return device_count
+    return None
+
+
+def choose_device(
+    local_rank: int, local_world_size: int, device_count: int, environ: Mapping[str, str]
+) -> torch.device:
+    """The device of local rank `local_rank`: `cuda:(local_rank % device_count)`, or the CPU without GPUs.
+
+    `device_count` is what this process sees. When it is at least the node's rank count, every
+    rank has a GPU of its own. When it is smaller, the ranks have a GPU each only if every task sees
+    a different subset (per-task binding), which one process cannot see; the rule:
+    - the node's GPU count is known (`node_gpu_count`): fine when it is at least the rank count;
+    - it is not: fine when the process sees exactly one GPU (the per-task binding pattern; if two
+      tasks were in fact given the same GPU, NCCL reports "Duplicate GPU detected" at start-up),
+      shared when it sees several (several tasks see the same set).
+    A shared GPU is a UserError, raised by every rank of the node alike.
+    """
+    if device_count <= 0:
+        return torch.device("cpu")
+    if local_world_size > device_count:
+        node_gpus = node_gpu_count(device_count, environ)
+        shared = node_gpus < local_world_size if node_gpus is not None else device_count > 1
+        if shared:
+            raise UserError(
+                _shared_gpu_message(local_rank, local_world_size, device_count, node_gpus, environ)
+            )
+    return torch.device("cuda", local_rank % device_count)
+
+
+def _shared_gpu_message(
+    local_rank: int,
+    local_world_size: int,
+    device_count: int,
+    node_gpus: int | None,
+    environ: Mapping[str, str],
+) -> str:
+    found = ", ".join(
+        f"{name}={environ.get(name, 'unset')}"
+        for name in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+    )
+    return (
+        f"the {local_world_size} ranks of this node (local ranks 0-{local_world_size - 1}) would share "
+        f"{node_gpus if node_gpus is not None else device_count} GPU(s): local rank {local_rank} sees "
+        f"{device_count} device(s) ({found}); give every rank its own GPU: set --ntasks-per-node equal to "
+        "--gpus-per-node (every task sees all the node's GPUs) or use --gpus-per-task=1"
+    )
+
+
+def _top_level_items(nodelist: str) -> list[str]:
+    """'a[1,3-5],b7' -> ['a[1,3-5]', 'b7']: split at the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(nodelist[start:index])
+            start = index + 1
+    items.append(nodelist[start:])
+    return [item.strip() for item in items if item.strip()]
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
+    """First host of a SLURM node list, without scontrol.
+
+    'gpu[003-005,9],cpu1' -> 'gpu003', 'rack[1-2]-gpu[01-08]' -> 'rack1-gpu01', 'a[1,3-5],b7' -> 'a1':
+    each bracket group contributes the first number of its first range, zero padding as written.
+    """
+    items = _top_level_items(nodelist.strip())
+    if not items or not re.fullmatch(r"(?:[^\[\],]+|\[[^\[\]]+\])+", items[0]):
         raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return re.sub(r"\[([^\]]+)\]", lambda group: group.group(1).split(",")[0].split("-")[0].strip(), items[0])
+
+
+@functools.cache
+def master_host(nodelist: str) -> str:
+    """First host of the job: `scontrol show hostnames` when scontrol is installed, else `first_host`.
+
+    scontrol expands every syntax SLURM writes; the parser covers what sites use (several bracket
+    groups, zero padding, lists) for nodes without the SLURM client tools.
+    """
+    scontrol = shutil.which("scontrol")
+    if scontrol:
+        try:
+            result = subprocess.run(
+                [scontrol, "show", "hostnames", nodelist],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            )
+            hosts = result.stdout.split()
+            if hosts:
+                return hosts[0]
+        except (OSError, subprocess.SubprocessError) as error:
+            log.warning(
+                "scontrol show hostnames %s failed (%s); parsing the node list instead", nodelist, error
+            )
+    return first_host(nodelist)
+
+
+def slurm_port(job_id: int) -> int:
+    """The master port of SLURM job `job_id`: 20000-29999, outside the ephemeral range for any id."""
+    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
 
 
 def _tasks_on_first_node(value: str) -> int:
@@ -83,8 +217,8 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", "0")),
             local_world_size=_tasks_on_first_node(tasks_per_node),
-            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
-            master_port=int(env.get("MASTER_PORT", DEFAULT_PORT + job_id % 10000)),
+            master_addr=env.get("MASTER_ADDR") or master_host(env.get("SLURM_JOB_NODELIST", "localhost")),
+            master_port=int(env.get("MASTER_PORT", slurm_port(job_id))),
         )
     return DistEnv(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)))
 
@@ -107,23 +241,25 @@ def init_distributed(timeout_s: float) -> DistEnv:
     """
     env = detect_env()
     export_env(env)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    device = env.device  # a UserError here, before any collective, when the node's ranks would share a GPU
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
         backend = "nccl"
     else:
         backend = "gloo"
+    log.info(
+        "rank %d/%d (local %d/%d) on %s, CUDA_VISIBLE_DEVICES=%s, backend %s, master %s:%d",
+        env.rank, env.world_size, env.local_rank, env.local_world_size, device,
+        os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), backend, env.master_addr, env.master_port,
+    )  # fmt: skip
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
             rank=env.rank,
             world_size=env.world_size,
             timeout=timedelta(seconds=timeout_s),
-            device_id=env.device if backend == "nccl" else None,
+            device_id=device if backend == "nccl" else None,
         )
-    log.info(
-        "rank %d/%d (local %d/%d) on %s, backend %s, master %s:%d",
-        env.rank, env.world_size, env.local_rank, env.local_world_size, env.device, backend, env.master_addr, env.master_port,
-    )  # fmt: skip
     return env
 
 

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.config import DataConfig, load_config
-from trainer.data import build_loader
+from trainer.data.loader import build_loader
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.names import unique_names

@@ -7,70 +7,25 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainer.checkpoint import CheckpointManager
-from trainer.config import BatchPlan, Config
 from trainer.distributed import all_reduce_mean
-from trainer.fault_injection import scaled_loss_if_chosen, stall
-from trainer.goodput import GoodputClock
-from trainer.heartbeat import Heartbeat
-from trainer.metrics import MetricsLogger, mfu
-from trainer.model import ModelFacts
-from trainer.nonfinite import LossWatch, handle_bad_step
-from trainer.parallel import Backend
-from trainer.preemption import Preempted, StopSignals
+from trainer.metrics import mfu
+from trainer.resilience.fault_injection import scaled_loss_if_chosen, step_faults
+from trainer.resilience.nonfinite import LossWatch, handle_bad_step
+from trainer.resilience.preemption import Preempted
+from trainer.state import LoopContext, TrainState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TrainState:
-    """Progress counters that a checkpoint saves and a resume restores.
-
-    `batches` counts the global batches drawn from the data (trained on or skipped); `skipped` lists
-    those dropped after a non-finite loss, so that a rollback or a resume skips them again.
-    """
-
-    step: int = 0
-    tokens: int = 0
-    batches: int = 0
-    skipped: list[int] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "batches": self.batches, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.batches = int(state.get("batches", self.step))  # checkpoints from before skipping existed
-        self.skipped = [int(index) for index in state.get("skipped", [])]
-
-
-@dataclass
-class LoopContext:
-    config: Config
-    plan: BatchPlan
-    backend: Backend
-    metrics: MetricsLogger
-    facts: ModelFacts
-    device: torch.device
-    peak_tflops: float | None
-    is_main: bool
-    checkpoints: CheckpointManager
-    stop_signals: StopSignals
-    heartbeat: Heartbeat
-    clock: GoodputClock
-    rank: int = 0
-
-
 def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Validation loss and perplexity; leaves the model in eval mode (`train_loop` sets train mode itself)."""
     ctx.heartbeat.enter("evaluation")
     ctx.backend.train(False)
     losses = [ctx.backend.eval_loss(batch["input_ids"].to(ctx.device)).double() for batch in val_batches]
-    ctx.backend.train(True)
     val_loss = all_reduce_mean(torch.stack(losses).mean())
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
@@ -92,7 +47,7 @@ def train_step(
             loss += ctx.backend.forward_backward(
                 input_ids, last_micro_batch=micro == ctx.plan.grad_accum - 1
             ).double()
-    stall(ctx.rank, step)
+    step_faults(ctx.rank, step)
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
     ctx.heartbeat.enter("loss all-reduce")
@@ -111,7 +66,14 @@ def skip_listed_batches(ctx: LoopContext, state: TrainState, batches: Iterator[A
 
 
 def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any | None) -> TrainState:
+    """Train from `state` to the last step, with evaluations and checkpoints on their schedules.
+
+    Train mode is set here, at the start and after each evaluation, never inherited from how the model
+    was made or loaded: a model in eval mode trains without dropout, and transformers recomputes
+    activations (activation checkpointing) only in train mode, so it would silently keep them all.
+    """
     cfg, backend = ctx.config, ctx.backend
+    backend.train(True)
     batches = iter(train_loader)
     progress = _progress_bar(ctx, state.step)
     tokens_per_step = ctx.plan.global_batch_size * ctx.facts.seq_len
@@ -157,6 +119,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         ):
             with ctx.clock.phase("eval"):
                 ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
+            backend.train(True)
         ctx.heartbeat.enter("stop-signal agreement")
         stop_signal = ctx.stop_signals.agreed()
         if ctx.checkpoints.due(step) or step == last_step or stop_signal:

@@ -2,14 +2,16 @@
 
 Started once per rank by `llm-train train --nproc N`, torchrun, srun or submitit. Exit codes: 0 done,
 2 user error, 1 anything else (with the traceback in the rank's log file). A failure in a multi-rank
-run names the rank that failed or stalled and what it was doing (trainer/heartbeat.py); under SLURM
-the job is then requeued, when requeues remain, to resume from the last complete checkpoint.
+run names the rank that failed or stalled and what it was doing (trainer/resilience/heartbeat.py). A rank
+whose collective failed because another rank did exits 3 instead of 1. Under SLURM each task's supervisor
+(trainer/resilience/supervisor.py) decides from the exit status whether to requeue the job, so that a rank
+killed before Python could react (an NCCL abort, the OOM killer) requeues too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,12 +20,12 @@ import torch.distributed
 
 from trainer.config import Config, load_config
 from trainer.distributed import DistEnv, detect_env, distributed
-from trainer.errors import UserError
-from trainer.goodput import GoodputClock, format_goodput, summarize
-from trainer.heartbeat import Heartbeat, heartbeat_interval
+from trainer.errors import PEER_FAILED_EXIT, UserError
 from trainer.logs import setup_logging
-from trainer.nonfinite import NonFiniteLossError
-from trainer.preemption import requeue
+from trainer.resilience.goodput import GoodputClock, format_goodput, summarize
+from trainer.resilience.heartbeat import Heartbeat, heartbeat_interval
+from trainer.resilience.nonfinite import NonFiniteLossError
+from trainer.resilience.requeue import STOP_SIGNALS
 from trainer.train import run_training
 
 log = logging.getLogger("trainer")
@@ -32,11 +34,16 @@ log = logging.getLogger("trainer")
 class RankFailure(RuntimeError):
     """A distributed run failed; the message names the failing or stalled rank and its phase."""
 
+    def __init__(self, message: str, peer_failed: bool) -> None:
+        super().__init__(message)
+        self.peer_failed = peer_failed
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # DeepSpeed calls collectives that torch deprecated, once per step: keep the logs readable.
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    start_resource_tracker()
     rank = detect_env().rank
     clock = GoodputClock(None)
     try:
@@ -56,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"llm-train: error: {error}", file=sys.stderr)
         return 2
-    except RankFailure:
+    except RankFailure as failure:
         clock.close("failed")
-        return 1
+        return PEER_FAILED_EXIT if failure.peer_failed else 1
     except NonFiniteLossError as error:
         clock.close("failed")
         _report(str(error), error)
@@ -67,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
         clock.close("failed")
         log.exception("training failed on rank %d", rank)
         return 1
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (streaming's shared memory registers with it) with the stop
+    signals blocked, which it inherits: SLURM signals every process of a task, and a tracker killed by SIGUSR2
+    is replaced by one that prints a traceback for every segment it does not know when the run stops."""
+    from multiprocessing import resource_tracker
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
@@ -83,13 +103,13 @@ def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
         where = f"rank {env.rank} failed in '{heartbeat.phase}' of step {heartbeat.step}"
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = f"{where} ({cause})"
-        if _collective_failed(error):  # else this rank's own error is the cause: no one else to blame
+        peer_failed = _collective_failed(
+            error
+        )  # else this rank's own error is the cause: no one else to blame
+        if peer_failed:
             message += f"; {heartbeat.diagnose()}"
-        _report(message, error)  # before a requeue, which may kill this process
-        if _under_slurm():
-            requeued, why = requeue(run_dir, config.slurm.max_requeues, heartbeat.step, "failure")
-            log.warning("%s", why)
-        raise RankFailure(message) from error
+        _report(message, error)
+        raise RankFailure(message, peer_failed) from error
     finally:
         heartbeat.close()
 
@@ -108,10 +128,6 @@ def _collective_failed(error: BaseException) -> bool:
     return any(
         mark in text for mark in ("gloo", "NCCL", "Connection reset", "Connection closed", "Timed out")
     )
-
-
-def _under_slurm() -> bool:
-    return "SLURM_JOB_ID" in os.environ
 
 
 if __name__ == "__main__":

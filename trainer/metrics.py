@@ -17,18 +17,54 @@ from trainer.config import Config, to_yaml
 
 log = logging.getLogger(__name__)
 
-# Dense bf16 peak TFLOP/s per device, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0}
+PEAK_TFLOPS = {
+    "NVIDIA B200": 2250.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM-80GB": 312.0,  # the name DGX A100 80GB systems report
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA L40": 181.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+}
+"""Dense (not 2:4 sparse) bf16 tensor-core TFLOP/s from NVIDIA's data sheets, by the exact name
+`torch.cuda.get_device_name()` reports. Exact names, not substrings: "NVIDIA L40" is not an L4, an
+"H100 NVL" not an H100 SXM, and a GPU missing here has no MFU rather than a wrong one."""
+
+
+def _normalised(name: str) -> str:
+    return " ".join(name.split()).casefold()
+
+
+_PEAK_BY_NAME = {_normalised(name): peak for name, peak in PEAK_TFLOPS.items()}
+
+
+def known_peak_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of the GPU named `device_name` (case and spacing ignored), None when unknown."""
+    return _PEAK_BY_NAME.get(_normalised(device_name))
 
 
 def peak_tflops(configured: float | None, device: torch.device) -> float | None:
-    """The configured peak, else the known peak of this GPU, else None (MFU is then null)."""
+    """The configured peak, else the known peak of this GPU, else None (MFU is then null), with a log line why."""
     if configured is not None:
         return configured
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+    peak = known_peak_tflops(name)
+    if peak is None:
+        log.warning(
+            "no known peak TFLOP/s for GPU %r: MFU is not reported; set train.peak_tflops to its dense bf16 peak",
+            name,
+        )
+    return peak
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak: float | None) -> float | None:
@@ -89,11 +125,23 @@ class MetricsLogger:
         self.write({"event": name, "step": step, **extra})
 
     def close(self) -> None:
+        """Close metrics.jsonl and the W&B run. Runs after the last checkpoint, also on a stop: a W&B helper
+        process killed by the same SIGTERM must not turn a clean stop into a failure, so its error is one
+        warning line (the offline files written so far stay for `wandb sync`)."""
         if not self.enabled:
             return
         self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            wandb_run, self._wandb = self._wandb, None
+            try:
+                wandb_run.finish()
+            except Exception as error:  # noqa: BLE001 - any failure of W&B's shut-down is only worth a warning
+                log.warning("W&B did not close cleanly (%s); metrics.jsonl is complete", _first_line(error))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _finite_or_none(value: Any) -> Any:

@@ -11,16 +11,19 @@ import torch
 
 from trainer.checkpoint import CheckpointManager, ResumePoint
 from trainer.config import Config, batch_plan, write_config
-from trainer.data import DatasetInfo, build_loader, read_dataset_info
+from trainer.data.loader import DatasetInfo, build_loader, read_dataset_info
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.goodput import GoodputClock, summarize
-from trainer.heartbeat import Heartbeat
-from trainer.loop import LoopContext, TrainState, evaluate, train_loop
+from trainer.loop import evaluate, train_loop
 from trainer.metrics import MetricsLogger, peak_tflops
-from trainer.model import build_model, choose_attention, model_facts
-from trainer.parallel import build_backend
-from trainer.preemption import Preempted, StopSignals, requeue
+from trainer.models.attention import choose_attention
+from trainer.models.build import ModelRecipe, model_facts
+from trainer.parallel import build_backend, model_source
+from trainer.resilience.goodput import GoodputClock, summarize
+from trainer.resilience.heartbeat import Heartbeat
+from trainer.resilience.preemption import Preempted, StopSignals
+from trainer.resilience.requeue import cancelled, requeue
+from trainer.state import LoopContext, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +74,13 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     checkpoints = CheckpointManager(config, env)
     resume_point, weights_from = starting_point(config, checkpoints)
     seed_everything(config.run.seed)
-    attn = choose_attention(config.model.attn, env.device)
-    model = build_model(config.model, vocab_size, seq_len, attn, config.run.seed, init_from=weights_from)
-    facts = model_facts(model, info.seq_len)
+    attn = choose_attention(config.model.attn, env.device, config.train.precision)
+    recipe = ModelRecipe(config.model, vocab_size, seq_len, attn, config.run.seed, init_from=weights_from)
+    source = model_source(recipe, env)  # the full model on rank 0 only; the others build empty shards
+    facts = model_facts(source.meta(), info.seq_len)
     log.info("model: %.2fM parameters, %s", facts.n_params / 1e6, config.model.size)
-    backend = build_backend(config, model, plan, env)
+    backend = build_backend(config, source, plan, env)
+    del source
     loader_args = {"global_batch_size": plan.global_batch_size, "info": info}
     train_loader = build_loader(config.data, "train", plan.micro_batch_size, config.run.seed, **loader_args)
     val_loader = None
@@ -137,6 +142,8 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
             log.warning("%s; %s", stop, why)
             if requeued:
                 metrics.event("requeued", stop.step, reason=why)
+            elif cancelled(run_dir):
+                metrics.event("cancelled", stop.step)
     finally:
         stop_signals.restore()
         metrics.close()

@@ -1,10 +1,16 @@
-"""`llm-train cancel RUN_DIR`: cancel the run's SLURM job (it is not requeued; checkpoints stay)."""
+"""`llm-train cancel RUN_DIR`: stop the run's SLURM job for good (checkpoints stay; resubmit to go on).
+
+A marker in RUN_DIR tells the trainer, before SLURM's SIGTERM arrives, that this stop is not a preemption: it
+saves a checkpoint, writes a `cancelled` event and exits 0 without asking for a requeue.
+"""
 
 from __future__ import annotations
 
 import argparse
 
+from trainer.atomic import atomic_write_text
 from trainer.errors import UserError
+from trainer.resilience.requeue import cancel_marker
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"nothing to cancel: job {jobs[-1]['job_id']} of {run_dir} is not pending or running")
         return 0
     for info in active:
+        atomic_write_text(cancel_marker(run_dir, info.job_id), "llm-train cancel\n")
         problem = cancel_job(info.job_id)
         if problem:
             raise UserError(f"could not cancel job {info.job_id}: {problem}")

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise UserError(f"--minutes {args.minutes} must be positive")
-    from trainer.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
+    from trainer.data.prepare import PrepareOptions, run_prepare, stdlib_corpus_glob
 
     out = Path(args.out)
     data_dir, run_dir, model_dir = out / "data", out / "run", out / "model"
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if code != 0:
         return code
     from launcher.commands.generate import generate_text
-    from trainer.hf_export import export
+    from trainer.models.export import export
 
     export(run_dir, model_dir)
     sample = generate_text(str(model_dir), SAMPLE_PROMPT, max_new_tokens=48, temperature=0.8, seed=0)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     A RUN_DIR or one of its step folders also gets the results as eval lines in its metrics.jsonl (and W&B).
     """
     from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, validation_losses
-    from trainer.hf_export import load_any
+    from trainer.models.load import load_any
 
     loaded = load_any(args.model)
     results = validation_losses(

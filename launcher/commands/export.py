@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.hf_export import export
+    from trainer.models.export import export
 
     out = export(args.checkpoint, Path(args.out))
     print(out)

@@ -28,9 +28,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def generate_text(model_path: str, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
-    from trainer.generation import check_sampling, sample
-    from trainer.hf_export import load_any, load_tokenizer
+    from trainer.models.generation import check_sampling, sample, tidy_sample
+    from trainer.models.load import load_any, load_tokenizer
 
     check_sampling(max_new_tokens, temperature)
     loaded = load_any(model_path)
-    return sample(loaded.model, load_tokenizer(loaded), prompt, max_new_tokens, temperature, seed)
+    text = sample(loaded.model, load_tokenizer(loaded), prompt, max_new_tokens, temperature, seed)
+    return tidy_sample(prompt, text)

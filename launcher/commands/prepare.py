@@ -1,13 +1,13 @@
-"""`llm-train prepare`: clean, filter, exact-dedupe, tokenize, pack and write MDS shards (SPEC 4)."""
+"""`llm-train prepare`: clean, filter, exact-dedupe, tokenize, pack and write MDS shards."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from trainer.data.prepare import PrepareOptions
+from trainer.data.prepare.options import DEFAULT_VAL_FRACTION, MAX_DEFAULT_WORKERS
 from trainer.logs import setup_logging
-from trainer.prepare import PrepareOptions
-from trainer.prepare.options import DEFAULT_VAL_FRACTION, MAX_DEFAULT_WORKERS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,7 +101,7 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
 
 
 def run(args: argparse.Namespace) -> int:
-    from trainer.prepare.pipeline import run_prepare
+    from trainer.data.prepare.pipeline import run_prepare
 
     setup_logging()
     stats = run_prepare(options_from_args(args))

@@ -27,7 +27,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--nodes", type=int, help="override the profile's node count")
     parser.add_argument("--gpus-per-node", type=int, help="override the profile's GPUs (= tasks) per node")
-    parser.add_argument("--time", metavar="HH:MM:SS", help="override the profile's time limit per allocation")
+    parser.add_argument(
+        "--time",
+        metavar="TIME",
+        help="override the profile's time limit per allocation, in SLURM's formats: MM, MM:SS, HH:MM:SS, "
+        "D-HH, D-HH:MM or D-HH:MM:SS",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -41,6 +46,15 @@ def run(args: argparse.Namespace) -> int:
     from launcher.profiles import format_time, load_profile, with_overrides
 
     profile = with_overrides(load_profile(args.cluster), args.nodes, args.gpus_per_node, args.time)
+    slurm_job.check_run_dir_given(args.config, args.overrides)
+    known = slurm_query.partition_exists(profile.partition)
+    if known is False:
+        listed = ", ".join(slurm_query.partitions()) or "none"
+        raise UserError(
+            f"partition '{profile.partition}' (cluster profile {profile.name}) does not exist on this cluster; "
+            f"sinfo lists: {listed}"
+        )
+    slurm_job.check_fits(profile, slurm_query.partition_size(profile.partition))
     sub = slurm_job.prepare(args.config, args.overrides, profile)
     layout = (
         f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) "
@@ -54,13 +68,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: sbatch script written to {path}; nothing submitted")
         return 0
 
-    known = slurm_query.partition_exists(profile.partition)
-    if known is False:
-        listed = ", ".join(slurm_query.partitions()) or "none"
-        raise UserError(
-            f"partition '{profile.partition}' (cluster profile {profile.name}) does not exist on this cluster; "
-            f"sinfo lists: {listed}"
-        )
     for job in slurm_job.read_jobs(sub.run_dir):
         info = slurm_query.query_job(job["job_id"])
         if info.active:

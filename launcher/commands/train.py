@@ -20,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
-    from trainer.data import read_dataset_info  # torch and streaming: imported only when training
-    from trainer.mixture import check_mixture
+    from trainer.data.loader import read_dataset_info  # torch and streaming: imported only when training
+    from trainer.data.mixture import check_mixture
 
     # Everything checkable is checked here, once, before any process starts.
     config = load_config(args.config, args.overrides)

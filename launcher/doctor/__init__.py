@@ -21,21 +21,25 @@ from launcher.doctor.machine import (
     check_slurm,
 )
 from launcher.doctor.report import STATUSES, Check, format_report
-from launcher.doctor.run import check_batch, check_data, check_run_folder, dataset_info
+from launcher.doctor.run import check_batch, check_data, check_memory, check_run_folder, dataset_info
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
+    from launcher.profiles import ClusterProfile
     from trainer.config import Config
 
 __all__ = ["STATUSES", "Check", "check_data", "check_flash_attn", "format_report", "run_checks"]
 
-CONFIG_CHECKS = ("data", "batch", "run-folder")
 
+def run_checks(
+    config_path: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    profile: ClusterProfile | None = None,
+) -> list[Check]:
+    """Every check for this machine; with a config (path or preset, plus overrides) also its data, batch plan,
+    memory and run folder, for the job's layout when a cluster profile is given.
 
-def run_checks(config_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> list[Check]:
-    """Every check for this machine; with a config (path or preset, plus overrides) also its data and run folder.
-
-    A config that does not load is a fail line, and the checks that need it are fail lines saying so.
+    A config that does not load is one fail line (one cause, one line): the checks that need it are left out.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         # sinfo may take seconds to give up on a controller: ask it while the imports below run.
@@ -59,11 +63,10 @@ def run_checks(config_path: str | None = None, overrides: list[str] | tuple[str,
         info = dataset_info(config)
         checks += [
             _safely("data", check_data, config),
-            _safely("batch", check_batch, config, info),
+            _safely("batch", check_batch, config, info, profile),
+            _safely("memory", check_memory, config, info, profile),
             _safely("run-folder", check_run_folder, config, info),
         ]
-    elif with_config:
-        checks += [Check(name, "fail", "not checked: the config did not load") for name in CONFIG_CHECKS]
     return checks
 
 
@@ -85,7 +88,9 @@ def _load(config_path: str | None, overrides: list[str] | tuple[str, ...]) -> tu
     try:
         config = load_config(config_path, list(overrides))
     except UserError as error:
-        return Check("config", "fail", str(error)), None
+        return Check(
+            "config", "fail", f"{error} (data, batch, memory and run folder are checked once it loads)"
+        ), None
     except Exception as error:
         return _broken("config", error), None
     where = config_path if config_path is not None else "defaults"

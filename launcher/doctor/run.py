@@ -12,8 +12,9 @@ from launcher.doctor.report import Check
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
+    from launcher.profiles import ClusterProfile
     from trainer.config import Config
-    from trainer.data import DatasetInfo
+    from trainer.data.loader import DatasetInfo
 
 BYTES_PER_PARAM = 16
 DEFAULT_VOCAB_SIZE = 50257  # GPT-2's tokenizer
@@ -22,8 +23,8 @@ DEFAULT_SEQ_LEN = 1024  # GPT-2's n_positions
 
 def check_data(config: Config) -> Check:
     """The dataset reads as training reads it: index, prepare.json, and every local shard present at its size."""
-    from trainer.data import read_dataset_info
-    from trainer.mixture import check_mixture
+    from trainer.data.loader import read_dataset_info
+    from trainer.data.mixture import check_mixture
 
     try:
         info = read_dataset_info(config.data.path, config.data.remote)
@@ -40,21 +41,54 @@ def check_data(config: Config) -> Check:
     return Check("data", "ok", f"{found}; every shard present with its recorded size")
 
 
-def check_batch(config: Config, info: DatasetInfo | None) -> Check:
-    """The batch arithmetic for the devices of this machine (a cluster job's world size is checked by submit)."""
+def check_batch(config: Config, info: DatasetInfo | None, profile: ClusterProfile | None = None) -> Check:
+    """The batch arithmetic for the job's world size (`--cluster`), else for the devices of this machine."""
     from trainer.config import batch_plan
 
-    world_size = max(len(visible_gpus()), 1)
+    if profile is not None:
+        world_size, where = profile.world_size, f"the job's {describe_layout(profile)}"
+    else:
+        world_size = max(len(visible_gpus()), 1)
+        where = f"this machine's {world_size} device(s) (--cluster PROFILE checks the job's layout)"
     try:
         plan = batch_plan(config.train, world_size, info.seq_len if info else None)
     except UserError as error:
-        return Check("batch", "warn", f"on this machine's {world_size} device(s): {error}")
-    return Check("batch", "ok", plan.describe())
+        return Check("batch", "fail" if profile is not None else "warn", f"on {where}: {error}")
+    return Check("batch", "ok", f"on {where}: {plan.describe()}")
+
+
+def describe_layout(profile: ClusterProfile) -> str:
+    per_node = f"{profile.gpus_per_node} GPUs" if profile.gpus_per_node else "1 task (CPU)"
+    return f"{profile.nodes} node(s) x {per_node} = world size {profile.world_size}"
+
+
+def check_memory(config: Config, info: DatasetInfo | None, profile: ClusterProfile | None) -> Check:
+    """Model and optimizer state per device when sharded over the job (activations come on top)."""
+    n_params, assumed = count_params(config, info)
+    world_size = profile.world_size if profile is not None else max(len(visible_gpus()), 1)
+    per_rank = checkpoint_bytes(n_params) // world_size
+    found = (
+        f"{_count(n_params)} parameters{assumed}: weights, gradients and AdamW state take ~{_size(per_rank)} "
+        f"per device sharded over {world_size} rank(s), activations excluded"
+    )
+    memory = device_memory()
+    if memory is not None and per_rank > memory:
+        return Check("memory", "fail", f"{found}; a device here has {_size(memory)}: use more nodes")
+    return Check("memory", "ok", found)
+
+
+def device_memory() -> int | None:
+    """The smallest visible GPU's memory in bytes (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
 
 
 def dataset_info(config: Config) -> DatasetInfo | None:
     """The dataset's shape for the estimates of other checks; None when unreadable (check_data says why)."""
-    from trainer.data import read_dataset_info
+    from trainer.data.loader import read_dataset_info
 
     try:
         return read_dataset_info(config.data.path, config.data.remote)
@@ -62,19 +96,22 @@ def dataset_info(config: Config) -> DatasetInfo | None:
         return None
 
 
-def estimate_params(config: Config, info: DatasetInfo | None) -> int:
-    """GPT-2's parameter count from its shape, without building it (tied embeddings counted once).
+def count_params(config: Config, info: DatasetInfo | None) -> tuple[int, str]:
+    """The model's parameter count, from the real model built on the meta device (no memory, no init), with a
+    note when the vocabulary or context length had to be assumed because the data could not be read."""
+    import torch
+    from transformers import GPT2LMHeadModel
 
-    Per block: attention 4d^2 + 4d, MLP 8d^2 + 5d, two layer norms 4d; plus token and position
-    embeddings and the final layer norm.
-    """
-    from trainer.config import model_shape
+    from trainer.models.gpt2 import gpt2_config
 
-    shape = model_shape(config.model)
-    d, layers = shape["n_embd"], shape["n_layer"]
-    vocab = config.model.vocab_size or (info.vocab_size if info else None) or DEFAULT_VOCAB_SIZE
-    seq_len = config.model.seq_len or (info.seq_len if info else None) or DEFAULT_SEQ_LEN
-    return (vocab + seq_len) * d + layers * (12 * d * d + 13 * d) + 2 * d
+    vocab = config.model.vocab_size or (info.vocab_size if info else None)
+    seq_len = config.model.seq_len or (info.seq_len if info else None)
+    assumed = "" if vocab and seq_len else f" (vocab {DEFAULT_VOCAB_SIZE} assumed: the data did not load)"
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(
+            gpt2_config(config.model, vocab or DEFAULT_VOCAB_SIZE, seq_len or DEFAULT_SEQ_LEN)
+        )
+    return sum(p.numel() for p in model.parameters()), assumed
 
 
 def checkpoint_bytes(n_params: int) -> int:
@@ -102,7 +139,7 @@ def check_run_folder(config: Config, info: DatasetInfo | None) -> Check:
         return Check(
             "run-folder", "fail", f"{where} is not writable ({error.strerror}); choose another run.dir"
         )
-    n_params = estimate_params(config, info)
+    n_params, _ = count_params(config, info)
     count = config.checkpoint.keep_last + 1
     needed = count * checkpoint_bytes(n_params)
     free = shutil.disk_usage(existing).free

@@ -15,7 +15,7 @@ TWO_NODES = ("--nodes=2", "--ntasks-per-node=1")
 # Every job script below gets these: MASTER_ADDR is the first host of the allocation, as in the trainer.
 MASTER = """\
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 10000))  # below the ephemeral range (32768+)
 """
 
 

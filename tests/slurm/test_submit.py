@@ -12,9 +12,8 @@ import contextlib
 import io
 import json
 import math
-import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from slurm_helpers import TERMINAL_JOB_STATES, TMP_BASE, Job, run
 from trainer_runs import BASE_OVERRIDES, losses, read_metrics, train
 
 from launcher.cli import main as cli_main
+from trainer.resilience.fault_injection import ABORT_ENV, USER_ERROR_ENV
 
 pytestmark = pytest.mark.slurm
 
@@ -40,7 +40,7 @@ DS_STEPS = 20
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=4"]
 FSDP = [*BASE_OVERRIDES, *BATCH, f"train.max_steps={STEPS}"]
 DEEPSPEED = [*BASE_OVERRIDES, *BATCH, f"train.max_steps={DS_STEPS}", "parallel.backend=deepspeed"]
-WATCH_S = 330  # every job of the module must end within this
+WATCH_S = 480  # every job of the module must end within this (the 2 nodes run one job each at a time)
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -176,6 +176,13 @@ def preempt_driver(tracked: Tracked) -> None:
         tracked.notes["signalled_at"] = max(train_steps_since_last_start(tracked))
 
 
+def scancel_driver(tracked: Tracked) -> None:
+    """A plain `scancel` (SIGTERM, how most sites preempt) once the first allocation has logged step 5."""
+    if "signalled_at" not in tracked.notes and max(train_steps_since_last_start(tracked), default=0) >= 5:
+        run(["scancel", tracked.job_id])
+        tracked.notes["signalled_at"] = max(train_steps_since_last_start(tracked))
+
+
 def cap_driver(tracked: Tracked) -> None:
     """Preempt in the first allocation, then again in the second (slurm.max_requeues=1)."""
     starts = len(tracked.events("start"))
@@ -184,14 +191,6 @@ def cap_driver(tracked: Tracked) -> None:
     if len(sent) < starts and len(steps) >= 3:  # one signal per allocation, 3 steps into it
         run(["scancel", "--signal=USR2", tracked.job_id])
         sent.append(steps[-1])
-
-
-def kill_rank_driver(tracked: Tracked) -> None:
-    """kill -9 of rank 1's process (its pid from the heartbeat file) once the first allocation logged step 5."""
-    if "killed" not in tracked.notes and max(train_steps_since_last_start(tracked), default=0) >= 5:
-        pid = json.loads((tracked.run_dir / "heartbeats" / "rank00001.json").read_text())["pid"]
-        os.kill(pid, signal.SIGKILL)
-        tracked.notes["killed"] = {"pid": pid, "after_step": max(train_steps_since_last_start(tracked))}
 
 
 def llm_train(*args: str) -> subprocess.CompletedProcess[str]:
@@ -263,11 +262,22 @@ def runs(slurm_cluster, request) -> Module:
     submit("timelimit", str(time_profile), [*FSDP, "slurm.signal_lead_s=1"])
     slow_2 = write_profile(root / "slow-2-nodes.yaml", 2, "00:05:00", slow_steps(0.25, 1))
     submit("preempt", str(slow_2), FSDP, driver=preempt_driver)
-    submit("lostrank", str(slow_2), [*FSDP, "checkpoint.every_steps=3"], driver=kill_rank_driver)
+    # Failures outside Python: rank 1 calls os.abort() (what NCCL's watchdog does) at step 7 of the first
+    # allocation; a user error (exit 2) on rank 1 at step 3; an abort in every allocation against a cap of 1.
+    abort_2 = write_profile(
+        root / "abort-2-nodes.yaml", 2, "00:05:00", [*slow_steps(0.25, 1), f"export {ABORT_ENV}=1:7"]
+    )
+    submit("abort", str(abort_2), [*FSDP, "checkpoint.every_steps=3"])
+    user_error_2 = write_profile(root / "user-error.yaml", 2, "00:05:00", [f"export {USER_ERROR_ENV}=1:3"])
+    submit("usererror", str(user_error_2), FSDP)
+    abort_always = write_profile(root / "abort-always.yaml", 1, "00:05:00", [f"export {ABORT_ENV}=0:3:99"])
+    submit("abortcap", str(abort_always), [*FSDP, "slurm.max_requeues=1", "checkpoint.every_steps=2"])
     again = cli(
         "submit", "tiny", f"run.dir={root / 'preempt'}", f"data.path={data}", *FSDP, "--cluster", str(slow_2)
     )
     slow_1 = write_profile(root / "slow-1-node.yaml", 1, "00:05:00", slow_steps(0.3))
+    slow_1_once = write_profile(root / "slow-1-node-once.yaml", 1, "00:05:00", slow_steps(0.25, 1))
+    submit("scancel", str(slow_1_once), FSDP, driver=scancel_driver)
     submit("cap", str(slow_1), [*FSDP, "slurm.max_requeues=1"], driver=cap_driver)
     slower_1 = write_profile(root / "slower-1-node.yaml", 1, "00:05:00", slow_steps(0.5))
     submit("cancel", str(slower_1), FSDP, driver=cancel_driver)
@@ -315,6 +325,13 @@ def assert_completed(runs: Module, name: str, restarts: str = "0") -> Tracked:
     assert tracked.error is None, tracked.explain()
     assert final["JobState"] == "COMPLETED" and final.get("Restarts") == restarts, tracked.explain()
     return tracked
+
+
+def trainer_errors(tracked: Tracked) -> list[str]:
+    """Error lines and tracebacks of our processes in the task logs (SLURM's own notices left out)."""
+    logs = "".join(path.read_text() for path in (tracked.run_dir / "submitit").glob("*_log.*"))
+    marks = ("llm-train: error", "Traceback", "failed", "supervisor:")
+    return [line for line in logs.splitlines() if any(mark in line for mark in marks)]
 
 
 def assert_close(actual: list[float], expected: list[float], rel: float) -> None:
@@ -367,6 +384,7 @@ def test_preemption_checkpoints_requeues_once_and_resumes_exactly(runs):
         ("start", 0), ("preempted", stopped), ("requeued", stopped), ("start", 0), ("resume", stopped), ("done", STEPS),
     ], tracked.explain()  # fmt: skip
     assert json.loads((tracked.run_dir / "requeues.json").read_text())["count"] == 1
+    assert not trainer_errors(tracked), "a stop left error lines or tracebacks in the task logs"
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, STEPS + 1)), "a step (and its samples) was trained twice or skipped"
     assert losses(records) == losses(runs["fsdp2"].records()), (
@@ -374,20 +392,62 @@ def test_preemption_checkpoints_requeues_once_and_resumes_exactly(runs):
     )
 
 
-def test_lost_rank_fails_the_allocation_which_requeues_and_resumes_exactly(runs):
-    tracked = assert_completed(runs, "lostrank", restarts="1")
-    killed = tracked.notes["killed"]
+def test_plain_scancel_is_a_preemption_not_a_failure(runs):
+    tracked = assert_completed(runs, "scancel", restarts="1")
+    stopped = tracked.events("preempted")[0]
+    assert stopped["signal"] == "SIGTERM" and stopped["step"] >= tracked.notes["signalled_at"], (
+        tracked.explain()
+    )
+    assert [e["step"] for e in tracked.events("requeued")] == [stopped["step"]], tracked.explain()
+    history = json.loads((tracked.run_dir / "requeues.json").read_text())
+    assert [event["signal"] for event in history["events"]] == ["SIGTERM"], history
+    assert not trainer_errors(tracked), tracked.explain()
+    assert losses(tracked.records()) == losses(runs["fsdp1"].records())
+
+
+def test_rank_killed_by_sigabrt_requeues_the_job_which_resumes_exactly(runs):
+    """No Python runs in the aborted rank: its task's supervisor names it and requeues the job."""
+    tracked = assert_completed(runs, "abort", restarts="1")
     history = json.loads((tracked.run_dir / "requeues.json").read_text())
     assert history["count"] == 1 and history["events"][0]["signal"] == "failure", history
-    first_log = (tracked.run_dir / "logs" / "rank0.log").read_text()
-    assert f"rank 1 is lost (pid {killed['pid']}" in first_log, tracked.explain()
+    cause = history["events"][0]["cause"]
+    # Its last heartbeat: the phase and step it was in at most one heartbeat interval before the abort.
+    found = re.match(r"rank 1 was killed by SIGABRT in '[^']+' of step (\d+) \(pid \d+ on ", cause)
+    assert found and 1 <= int(found.group(1)) <= 7, history
+    assert cause in (tracked.run_dir / "logs" / "rank1.log").read_text(), tracked.explain()
     records = tracked.records()
     resumed = [r["step"] for r in records if r.get("event") == "resume"]
-    assert len(resumed) == 1 and resumed[0] % 3 == 0 and resumed[0] >= 3, records
+    assert resumed == [6], records
     by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert list(by_step.values()) == losses(runs["fsdp2"].records()), (
         "the resumed run is not the uninterrupted one"
     )
+
+
+def test_a_user_error_on_one_rank_is_never_requeued(runs):
+    tracked = runs["usererror"]
+    final = runs.watcher.wait(tracked)
+    assert final["JobState"] == "FAILED" and final.get("Restarts") == "0", tracked.explain()
+    history_file = tracked.run_dir / "requeues.json"
+    assert not history_file.exists() or json.loads(history_file.read_text())["count"] == 0
+    decisions = [path.read_text().strip() for path in tracked.run_dir.glob(".requeue-*")]
+    assert decisions == ["user error: not requeued"], decisions
+    assert (
+        "stops with a user error at step 3"
+        in tracked.job.output() + (tracked.run_dir / "logs" / "rank1.log").read_text()
+    ), tracked.explain()
+
+
+def test_failures_stop_requeueing_at_the_cap(runs):
+    tracked = runs["abortcap"]
+    final = runs.watcher.wait(tracked)
+    assert final["JobState"] == "FAILED" and final.get("Restarts") == "1", tracked.explain()
+    history = json.loads((tracked.run_dir / "requeues.json").read_text())
+    assert history["count"] == 1 and "SIGABRT" in history["events"][0]["cause"], history
+    log = (tracked.run_dir / "logs" / "rank0.log").read_text()
+    assert "slurm.max_requeues=1 reached: not requeueing" in log, tracked.explain()
+    resumed = [r["step"] for r in tracked.records() if r.get("event") == "resume"]
+    assert resumed == [2], tracked.explain()
 
 
 def test_submit_refuses_a_run_dir_that_has_a_live_job(runs):
@@ -458,16 +518,28 @@ def test_status_while_running_and_cancel_for_good(runs):
     time.sleep(max(0.0, tracked.notes["cancelled_at"] + 10 - time.monotonic()))
     assert final["JobState"] == "CANCELLED" and tracked.job.state() in (None, "CANCELLED"), tracked.explain()
     assert not tracked.notes.get("pending_after_cancel") and not tracked.events("requeued"), tracked.explain()
+    cancelled = tracked.events("cancelled")
+    assert len(cancelled) == 1 and cancelled[0]["step"] == tracked.events("preempted")[0]["step"], (
+        tracked.explain()
+    )
+    assert "requeue" not in tracked.job.output().lower() and not trainer_errors(tracked), tracked.explain()
+    assert (
+        not (tracked.run_dir / "requeues.json").exists()
+        or json.loads((tracked.run_dir / "requeues.json").read_text())["count"] == 0
+    )
     assert "cancelled" in json.loads((tracked.run_dir / "jobs.json").read_text())["jobs"][-1]
     code, out, err = cli("status", str(tracked.run_dir))  # also once SLURM has forgotten the job
-    assert code == 0 and out.splitlines()[1].split()[1] == "cancelled", out
+    assert code == 0 and out.splitlines()[1].split()[1:4] == ["cancelled", "at", "step"], out
 
 
 @pytest.mark.parametrize(
     "case, expected",
     [
         ("partition", "partition 'no-such-partition'"),
-        ("nodes", "world size 3"),
+        ("nodes", "partition 'debug' has 2 node(s)"),
+        ("batch", "world size 2"),
+        ("gpus", "have at most 0 GPU(s)"),
+        ("no_run_dir", "needs a run.dir of its own"),
         ("data", "does not exist"),
     ],
 )
@@ -480,10 +552,49 @@ def test_submit_time_errors_exit_2_and_queue_nothing(slurm_cluster, slurm_tmp_pa
         profile = str(slurm_tmp_path / "bad.yaml")
         Path(profile).write_text("partition: no-such-partition\nnodes: 1\n")
     elif case == "nodes":
-        args.append("--nodes=3")  # 8 sequences over 3 ranks x micro batch 4
+        args += ["--nodes=3", "train.global_batch_size=12"]  # divides: only the partition is too small
+    elif case == "batch":
+        args += ["--nodes=2", "train.global_batch_size=12"]  # 12 sequences over 2 ranks x micro batch 4
+    elif case == "gpus":
+        args.append("--gpus-per-node=1")
+    elif case == "no_run_dir":
+        args.pop(0)
     else:
         args[1] = f"data.path={slurm_tmp_path / 'missing'}"
     code, out, err = cli("submit", "tiny", *args, "--cluster", profile)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (code, out, err)
     queued = run(["squeue", "-h", "-n", run_dir.name, "-o", "%i"]).stdout.split()
     assert queued == [] and not (run_dir / "jobs.json").exists() and not (run_dir / "submitit").exists()
+    assert not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ([], "has already reached step 60 (train.max_steps=60); raise train.max_steps"),
+        (["train.max_steps=80", "model.n_layer=3"], "model.n_layer=3 (checkpoints: 2) differs"),
+        (
+            ["train.max_steps=80", "parallel.backend=deepspeed"],
+            "parallel.backend=deepspeed (checkpoints: fsdp)",
+        ),
+    ],
+)
+def test_resubmitting_what_cannot_resume_is_refused_before_anything_is_written(runs, change, expected):
+    tracked = assert_completed(runs, "fsdp1")
+    before = {
+        path.name: path.read_bytes()
+        for path in (tracked.run_dir / "config.yaml", tracked.run_dir / "jobs.json")
+    }
+    code, out, err = cli(
+        "submit",
+        "tiny",
+        f"run.dir={tracked.run_dir}",
+        f"data.path={runs.data}",
+        *FSDP,
+        *change,
+        "--cluster",
+        "local",
+    )
+    assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (code, out, err)
+    after = {name: (tracked.run_dir / name).read_bytes() for name in before}
+    assert after == before, "a refused submission changed the run folder"

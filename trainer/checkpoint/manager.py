@@ -7,18 +7,29 @@
         config.yaml              the resolved config
         manifest.json            written last, by rank 0, once every rank's files are durable
     RUN_DIR/checkpoints/latest   the newest complete step, replaced atomically
+    RUN_DIR/checkpoints/run_id   which run writes here (each manifest names its run too)
+    RUN_DIR/checkpoints/.removing-*  old steps that retention is deleting in the background
 
 A step counts only once its manifest exists and verifies (torchtitan's rule). Saving is a
 collective: every rank calls `save` at the same step.
+
+Shared filesystems (Lustre, GPFS, NFS) are the normal case: each rank checksums and fsyncs the files it
+wrote itself (in parallel across ranks, so a preemption save fits in SLURM's grace time) and reports them;
+rank 0 writes the manifest from the reports, never from a directory listing, which on NFS can lag
+behind what other nodes wrote (attribute and directory caches differ between nodes).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
+import pickle
 import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from importlib import metadata
@@ -29,13 +40,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trainer.atomic import atomic_write_bytes, atomic_write_text
-from trainer.checkpoint.manifest import MANIFEST, describe_files, list_files
+from trainer.atomic import atomic_write_bytes, atomic_write_text, fsync_path
+from trainer.checkpoint.dcp_read import METADATA, check_plain_data, data_files, read_metadata
+from trainer.checkpoint.manifest import MANIFEST, describe_files, read_manifest
 from trainer.checkpoint.rng import rng_state, set_rng_state
 from trainer.checkpoint.steps import (
     LATEST,
+    RUN_ID,
     ResumePoint,
+    belongs_to_run,
     newest_valid_step,
+    read_run_id,
     step_dir_name,
     step_folders,
     step_number,
@@ -44,7 +59,7 @@ from trainer.checkpoint.steps import (
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.fault_injection import sleep_in_save
+from trainer.resilience.fault_injection import sleep_in_save
 
 log = logging.getLogger(__name__)
 
@@ -68,37 +83,76 @@ class CheckpointManager:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._async_group = None
+        self._run_id: str | None = None
         self.last_saved_step: int | None = None
+
+    @property
+    def run_id(self) -> str:
+        """This run's id (rank 0: read from checkpoints/run_id, created on first use; others: as broadcast
+        by find_resume)."""
+        if self._run_id is None:
+            self._run_id = read_run_id(self.root) or self._new_run_id()
+        return self._run_id
+
+    def _new_run_id(self) -> str:
+        run_id = uuid.uuid4().hex[:16]
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.root / RUN_ID, run_id + "\n")
+        return run_id
 
     # ---- resume -------------------------------------------------------------------------
 
     def find_resume(self) -> ResumePoint | None:
-        """The checkpoint to resume from, decided by rank 0 and shared with every rank."""
+        """The checkpoint to resume from, decided by rank 0 and shared with every rank (with the run id)."""
         setting = self.config.checkpoint.resume
-        choice: list[Any] = [None]
+        choice: list[Any] = [None, None]
         if self.env.is_main:
-            choice[0] = self._choose(setting)
+            choice = [self._choose(setting), self.run_id]
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
+        self._run_id = choice[1]
         if isinstance(choice[0], str):
             raise UserError(choice[0])
         return choice[0]
 
     def newest_complete(self) -> ResumePoint | None:
         """The newest verified checkpoint of this run (a rollback's target), the same on every rank."""
-        choice: list[Any] = [newest_valid_step(self.root) if self.env.is_main else None]
+        choice: list[Any] = [self._newest_own() if self.env.is_main else None]
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
         return choice[0]
 
     def _choose(self, setting: str) -> ResumePoint | str | None:
         """auto: this run's newest; a folder of another run: that, until this run has checkpoints of its own
-        (a requeued job must go on from its own progress, not start over from the folder)."""
+        (a requeued job must go on from its own progress, not start over from the folder).
+
+        none: a new run, in the job's first attempt only. The setting is saved in RUN_DIR/config.yaml, so
+        a requeued attempt (SLURM_RESTART_COUNT >= 1) reads it again; it then resumes the run's own newest
+        checkpoint, as auto does, instead of throwing away the progress of the attempts before it.
+        """
         if setting == "none":
-            return None
+            attempt = requeue_attempt()
+            if attempt == 0:
+                earlier = read_run_id(self.root)
+                self._run_id = self._new_run_id()
+                if earlier and any(step_folders(self.root)):
+                    log.info(
+                        "checkpoint.resume=none: a new run starts in %s; the earlier run's step folders stay "
+                        "(never this run's to resume, count or delete); remove them by hand if unneeded",
+                        self.root,
+                    )
+                return None
+            log.info(
+                "checkpoint.resume=none applies to a job's first attempt only; this is requeued attempt %d "
+                "(SLURM_RESTART_COUNT), so it resumes this run's own newest checkpoint (as auto)",
+                attempt,
+            )
+            setting = "auto"
         folder = Path(setting).absolute()
         inside = setting != "auto" and folder.is_relative_to(self.root.absolute())
-        own = None if inside else newest_valid_step(self.root)
+        own = None if inside else self._newest_own()
+        if setting == "auto" and own is None:
+            self._warn_about_other_runs()
         if setting == "auto" or own is not None:
             return own
         if (folder / "checkpoints").is_dir():  # a run folder: its newest complete step
@@ -109,9 +163,32 @@ class CheckpointManager:
             return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
         return ResumePoint(folder, manifest)
 
+    def _newest_own(self) -> ResumePoint | None:
+        return newest_valid_step(self.root, self.run_id, config_hash(self.config))
+
+    def _belongs(self, manifest: dict[str, Any]) -> bool:
+        return belongs_to_run(manifest, self.run_id, config_hash(self.config))
+
+    def _warn_about_other_runs(self) -> None:
+        others = []
+        for folder in step_folders(self.root):
+            try:
+                if not self._belongs(read_manifest(folder)):
+                    others.append(folder.name)
+            except ValueError:
+                continue
+        if others:
+            log.warning(
+                "%s holds checkpoints of another run (%s; or written before run ids, with another config): "
+                "not resumed; to go on from one, set checkpoint.resume to its path",
+                self.root,
+                ", ".join(others),
+            )
+
     def is_own(self, point: ResumePoint) -> bool:
         """Whether `point` is one of this run's checkpoints (rather than another run's)."""
-        return point.step_dir.absolute().is_relative_to(self.root.absolute())
+        inside = point.step_dir.absolute().is_relative_to(self.root.absolute())
+        return inside and belongs_to_run(point.manifest, self._run_id, config_hash(self.config))
 
     def load(self, point: ResumePoint, backend: Any, loader: Any) -> dict[str, Any]:
         """Restore backend shards, RNG streams and the data position; returns the train state dict."""
@@ -123,10 +200,10 @@ class CheckpointManager:
             )
         if manifest.get("config_hash") != config_hash(self.config):
             log.warning("the config differs from the one checkpoint %s was written with", point.step_dir)
+        rng = self._read_untrusted(point, backend)
         backend.load(point.step_dir, point.world_size)
-        rng_file = point.step_dir / "rng" / f"rank{self.env.rank:05d}.pt"
-        if point.world_size == self.env.world_size and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        if rng is not None:
+            set_rng_state(rng)
         else:
             log.warning(
                 "world size changed (%d -> %d): RNG streams start fresh",
@@ -142,6 +219,28 @@ class CheckpointManager:
             point.world_size,
         )
         return state
+
+    def _read_untrusted(self, point: ResumePoint, backend: Any) -> dict[str, Any] | None:
+        """This rank's RNG state, and the check that nothing the backend will unpickle can run code.
+
+        Every rank learns whether any rank found a problem before any of them starts the backend's
+        collective load: all stop with the same UserError instead of waiting on the one that stopped.
+        DeepSpeed's own files are the exception: its engine unpickles them (docs/checkpoints.md, "What
+        loading trusts").
+        """
+        rng, problem = None, None
+        rng_file = point.step_dir / "rng" / f"rank{self.env.rank:05d}.pt"
+        try:
+            if self.env.is_main and backend.name == "fsdp":
+                check_plain_data(point.step_dir / "model")
+            if point.world_size == self.env.world_size and rng_file.is_file():
+                rng = load_rng_file(rng_file, point.step_dir)
+        except UserError as error:
+            problem = str(error)
+        problems, _ = self._exchange(problem, None, None)
+        if any(problems):
+            raise UserError(next(p for p in problems if p))
+        return rng
 
     # ---- save ---------------------------------------------------------------------------
 
@@ -164,30 +263,32 @@ class CheckpointManager:
         if self.env.is_main:
             try:
                 if step_dir.exists():
-                    shutil.rmtree(step_dir)  # an unfinished attempt at this step, or a resume=none rerun
+                    self._clear(step_dir)
                 (step_dir / "rng").mkdir(parents=True)
             except OSError as error:
                 failure = error
         self._agree(step, step_dir, failure)
         use_async = self.config.checkpoint.async_save and not blocking and backend.supports_async
         future = None
+        written = [f"rng/rank{self.env.rank:05d}.pt"]  # this rank's own files, besides the backend's
         try:
             future = backend.save(step_dir, self._checkpoint_group() if use_async else None)
-            torch.save(rng_state(), step_dir / "rng" / f"rank{self.env.rank:05d}.pt")
+            torch.save(rng_state(), step_dir / written[0])
             if self.env.is_main:
                 state = {**train_state, "world_size": self.env.world_size, "data": loader.state_dict()}
                 atomic_write_text(step_dir / "train_state.json", json.dumps(state, indent=1))
                 atomic_write_text(step_dir / "config.yaml", to_yaml(self.config))
+                written += ["train_state.json", "config.yaml"]
         except (Exception, CheckpointException) as error:  # torch.save reports a full disk as RuntimeError
             failure = error
         self._agree(step, step_dir, failure)
         if future is None:
-            self._finalize(step, step_dir, None, group=None)
+            self._finalize(step, step_dir, None, backend, written, group=None)
             log.info("checkpoint step %d saved in %.2f s", step, time.perf_counter() - started)
         else:
             self._pending = threading.Thread(
                 target=self._finalize_in_background,
-                args=(step, step_dir, future),
+                args=(step, step_dir, future, backend, written),
                 name=f"ckpt-{step}",
                 daemon=True,
             )
@@ -206,27 +307,56 @@ class CheckpointManager:
                 raise error
             raise RuntimeError(f"background checkpoint save failed: {error}") from error
 
-    def _finalize_in_background(self, step: int, step_dir: Path, future: Future) -> None:
+    def _clear(self, step_dir: Path) -> None:
+        """Make room for this step: an unfinished attempt at it (or a resume=none rerun's) goes; a complete
+        step of another run (copied in by hand) is moved aside, never deleted."""
         try:
-            self._finalize(step, step_dir, future, group=self._async_group)
+            manifest = read_manifest(step_dir)
+        except ValueError:
+            manifest = None
+        if manifest is None or self._belongs(manifest):
+            shutil.rmtree(step_dir)
+            return
+        theirs = manifest.get("run_id") or f"config-{manifest.get('config_hash')}"
+        for index in itertools.count():
+            aside = step_dir.with_name(f"{step_dir.name}.run-{theirs}" + (f".{index}" if index else ""))
+            if not aside.exists():
+                break
+        log.warning(
+            "%s belongs to another run (%s): moved to %s to save this run's step", step_dir, theirs, aside
+        )
+        step_dir.rename(aside)
+
+    def _finalize_in_background(
+        self, step: int, step_dir: Path, future: Future, backend: Any, written: list[str]
+    ) -> None:
+        try:
+            self._finalize(step, step_dir, future, backend, written, group=self._async_group)
         except BaseException as error:  # re-raised in the training thread by wait()
             self._pending_error = error
 
+    def _exchange(self, value: Any, failure: BaseException | None, group: Any) -> tuple[list[Any], list[str]]:
+        """Every rank's `value` and the failures any rank had (one all_gather_object)."""
+        mine = None if failure is None else f"rank {self.env.rank}: {_first_line(failure, self.env.rank)}"
+        if dist.is_initialized() and self.env.world_size > 1:
+            reports: list[Any] = [None] * self.env.world_size
+            dist.all_gather_object(reports, (value, mine), group=group)
+        else:
+            reports = [(value, None if failure is None else _first_line(failure))]
+        return [report[0] for report in reports], [report[1] for report in reports if report[1]]
+
     def _agree(self, step: int, step_dir: Path, failure: BaseException | None, group: Any = None) -> None:
         """Every rank learns whether any rank failed to write; if one did, all raise the same error."""
-        if dist.is_initialized() and self.env.world_size > 1:
-            mine = None if failure is None else f"rank {self.env.rank}: {_first_line(failure, self.env.rank)}"
-            reports: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(reports, mine, group=group)
-            problems = [report for report in reports if report]
-        else:
-            problems = [] if failure is None else [_first_line(failure)]
+        _, problems = self._exchange(None, failure, group)
+        self._fail_if(step, step_dir, problems, failure)
+
+    def _fail_if(self, step: int, step_dir: Path, problems: list[str], failure: BaseException | None) -> None:
         if not problems:
             return
         free = _free_space(self.root)
         if self.env.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)
-        previous = newest_valid_step(self.root) if self.env.is_main else None
+        previous = self._newest_own() if self.env.is_main else None
         raise CheckpointWriteError(
             f"checkpoint step {step} could not be written to {step_dir} ({'; '.join(problems)}); "
             f"{free} free there; "
@@ -234,8 +364,11 @@ class CheckpointManager:
             + "free space (or lower checkpoint.keep_last, or point run.dir elsewhere) and run again to resume"
         ) from failure
 
-    def _finalize(self, step: int, step_dir: Path, future: Future | None, group: Any) -> None:
-        """Once every rank's files are durable: checksum them (shared out), rank 0 writes the manifest."""
+    def _finalize(
+        self, step: int, step_dir: Path, future: Future | None, backend: Any, written: list[str], group: Any
+    ) -> None:
+        """Once every rank's writes are done: each rank checksums and fsyncs the files it wrote and reports
+        them; rank 0 writes the manifest from the reports."""
         failure = None
         if future is not None:
             try:
@@ -244,28 +377,31 @@ class CheckpointManager:
                 failure = error
         self._agree(step, step_dir, failure, group)
         sleep_in_save(step)
-        names = list_files(step_dir)
-        mine = describe_files(step_dir, names[self.env.rank :: self.env.world_size])
-        gathered: list[Any] = [None] * self.env.world_size
-        if dist.is_initialized() and self.env.world_size > 1:
-            dist.all_gather_object(gathered, mine, group=group)
-        else:
-            gathered = [mine]
+        mine: dict[str, Any] = {}
+        try:
+            mine = describe_files(step_dir, written + self._backend_files(backend, step_dir), durable=True)
+        except OSError as error:
+            failure = error
+        reports, problems = self._exchange(mine, failure, group)
+        self._fail_if(step, step_dir, problems, failure)
         if self.env.is_main:
-            files = {name: entry for part in gathered for name, entry in part.items()}
-            manifest = {
-                "step": step,
-                "world_size": self.env.world_size,
-                "backend": self.config.parallel.backend,
-                "config_hash": config_hash(self.config),
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-                "files": files,
-            }
+            files = {name: entry for report in reports for name, entry in report.items()}
             try:
+                self._check_complete(backend, step_dir, files)
+                fsync_path(self.root)  # the step folder's own name
+                manifest = {
+                    "step": step,
+                    "world_size": self.env.world_size,
+                    "backend": self.config.parallel.backend,
+                    "config_hash": config_hash(self.config),
+                    "run_id": self.run_id,
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "versions": _versions(),
+                    "files": dict(sorted(files.items())),
+                }
                 atomic_write_bytes(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
                 atomic_write_text(self.root / LATEST, step_dir.name + "\n")
-            except OSError as error:
+            except (OSError, UserError, IncompleteReportError) as error:
                 failure = error
                 (step_dir / MANIFEST).unlink(missing_ok=True)
         self._agree(step, step_dir, failure, group)
@@ -273,17 +409,77 @@ class CheckpointManager:
             self._retain()
         self.last_saved_step = step
 
+    def _backend_files(self, backend: Any, step_dir: Path) -> list[str]:
+        """The files the backend wrote on this rank in this save, relative to `step_dir`.
+
+        A backend that records its writes says so (DeepSpeed: `saved_files`). For FSDP these are DCP's
+        names: FileSystemWriter writes `__{rank}_{i}.distcp` (i < its thread count) on each rank, and the
+        coordinator (rank 0) `.metadata`; FSDPBackend.save writes scheduler.json on rank 0. Each is this
+        rank's own file, so `is_file` is reliable even on NFS (close-to-open consistency); rank 0 checks
+        the result against DCP's own index (`_check_complete`).
+        """
+        reported = getattr(backend, "saved_files", None)
+        if reported is not None:
+            return [str(Path(path).relative_to(step_dir)) for path in reported()]
+        if backend.name != "fsdp":
+            raise TypeError(f"backend {backend.name} does not report the files it saves")
+        names = []
+        for index in itertools.count():
+            name = f"model/__{self.env.rank}_{index}.distcp"
+            if not (step_dir / name).is_file():
+                break
+            names.append(name)
+        if self.env.is_main:
+            names += [f"model/{METADATA}", "scheduler.json"]
+        return names
+
+    def _check_complete(self, backend: Any, step_dir: Path, files: dict[str, Any]) -> None:
+        """Rank 0: every data file that DCP's index points into was reported by some rank."""
+        if backend.name != "fsdp":
+            return
+        unreported = sorted(f"model/{name}" for name in data_files(read_metadata(step_dir / "model")))
+        unreported = [name for name in unreported if name not in files]
+        if unreported:
+            raise IncompleteReportError(
+                f"DCP wrote {unreported}, which no rank reported; the manifest would not cover the checkpoint"
+            )
+
     def _retain(self) -> None:
-        """Keep the newest `keep_last` complete steps; incomplete folders older than the newest complete go too."""
-        complete = [folder for folder in step_folders(self.root) if (folder / MANIFEST).is_file()]
-        keep = {folder.name for folder in complete[: self.config.checkpoint.keep_last]}
-        newest_step = step_number(complete[0]) if complete else None
+        """Keep the newest `keep_last` complete steps of this run; its incomplete folders older than its
+        newest complete step go too. Another run's steps are neither counted nor deleted: a copied-in
+        step of a higher number must not push this run's own steps out.
+
+        A folder to delete is renamed first (instant, even on a shared filesystem) and deleted in a
+        background thread: deleting gigabytes is not part of the save's time (a preemption save must
+        fit in SLURM's grace time), and a half-deleted folder never looks like a step."""
+        own, others = [], set()
         for folder in step_folders(self.root):
-            step = step_number(folder)
-            if folder.name in keep or newest_step is None or step > newest_step:
+            try:
+                manifest = read_manifest(folder)
+            except ValueError:
+                continue  # incomplete
+            if self._belongs(manifest):
+                own.append(folder)
+            else:  # another run's, or written before run ids with another config: not provably ours
+                others.add(folder.name)
+        keep = {folder.name for folder in own[: self.config.checkpoint.keep_last]}
+        newest_step = step_number(own[0]) if own else None
+        for folder in step_folders(self.root):
+            if folder.name in keep or folder.name in others or newest_step is None:
+                continue
+            if step_number(folder) > newest_step:
                 continue
             log.info("retention: removing %s", folder)
-            shutil.rmtree(folder, ignore_errors=True)
+            try:  # out of the way at once (one rename), deleted in the background
+                folder.rename(self.root / f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+        if others:
+            log.info("retention: leaving %s alone (written by another run)", ", ".join(sorted(others)))
+        trash = [path for path in self.root.iterdir() if path.name.startswith(TRASH_PREFIX)]
+        if trash:
+            # Not a daemon: the process waits for it at exit. A folder left by a kill goes next time.
+            threading.Thread(target=_remove_all, args=(trash,), name="ckpt-retention").start()
 
     def _checkpoint_group(self) -> Any:
         """A separate gloo group, so background-save collectives never interleave with training's."""
@@ -294,6 +490,45 @@ class CheckpointManager:
 
 class CheckpointWriteError(UserError):
     """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is lost."""
+
+
+class IncompleteReportError(RuntimeError):
+    """The ranks' reports miss a file the backend wrote: no manifest is written for that step."""
+
+
+TRASH_PREFIX = ".removing-"  # a step folder retention is deleting: no longer a step folder by its name
+
+
+def _remove_all(folders: list[Path]) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def requeue_attempt() -> int:
+    """0 for a job's first attempt, N for its N-th requeue (SLURM_RESTART_COUNT; 0 outside SLURM)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        return 0
+
+
+def load_rng_file(path: Path, step_dir: Path) -> dict[str, Any]:
+    """A rank's RNG state, read with weights_only=True (tensors and plain data, nothing that runs).
+
+    A file written before RNG states were stored as tensors holds numpy's state as a pickled ndarray,
+    which weights_only refuses: that checkpoint can no longer be resumed in full.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"checkpoint {step_dir} predates safe loading: {path.relative_to(step_dir)} holds pickled objects, "
+            "which llm-train no longer unpickles (a checkpoint must never run code); start a new run.dir from its "
+            f"weights with checkpoint.resume={step_dir} checkpoint.load=weights_only"
+        ) from error
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys():
+        raise UserError(f"{path} is not an RNG state file of llm-train; the checkpoint is damaged")
+    return state
 
 
 def _first_line(error: BaseException, rank: int = 0) -> str:

@@ -7,21 +7,37 @@ the recorded size and checksum.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import xxhash
+
+from trainer.atomic import fsync_path
 
 MANIFEST = "manifest.json"
 _CHUNK = 16 * 2**20
 
 
 def file_checksum(path: Path) -> str:
+    return _read_checksum(path, durable=False)[1]
+
+
+def _read_checksum(path: Path, durable: bool) -> tuple[int, str]:
+    """(bytes read, xxh3-128 of them) through one reused buffer; with `durable`, the file is fsynced too."""
     digest = xxhash.xxh3_128()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    buffer = bytearray(_CHUNK)
+    view = memoryview(buffer)
+    size = 0
+    with open(path, "rb", buffering=0) as file:
+        while count := file.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+        if durable:
+            # Data written through another descriptor (torch.save, DCP's writer) is flushed too: fsync
+            # acts on the file, whatever descriptor names it.
+            os.fsync(file.fileno())
+    return size, digest.hexdigest()
 
 
 def list_files(step_dir: Path) -> list[str]:
@@ -35,11 +51,23 @@ def list_files(step_dir: Path) -> list[str]:
     )
 
 
-def describe_files(step_dir: Path, names: list[str]) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"size": (step_dir / name).stat().st_size, "xxh3_128": file_checksum(step_dir / name)}
-        for name in names
-    }
+def describe_files(step_dir: Path, names: list[str], durable: bool = False) -> dict[str, dict[str, Any]]:
+    """Size and checksum of each named file (relative to `step_dir`), read back once.
+
+    With `durable`, each file is also fsynced, and then every folder that holds one of them, from the
+    deepest up to `step_dir`: the rank that wrote the files makes them (and their names) durable before
+    it reports them for the manifest, so a manifest never names a file that a crash could still lose.
+    """
+    described = {}
+    folders: set[Path] = set()
+    for name in names:
+        size, checksum = _read_checksum(step_dir / name, durable)
+        described[name] = {"size": size, "xxh3_128": checksum}
+        folders.update((step_dir / name).parents[: len(Path(name).parts)])
+    if durable:
+        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+            fsync_path(folder)
+    return described
 
 
 def read_manifest(step_dir: Path) -> dict[str, Any]:

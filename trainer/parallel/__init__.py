@@ -9,6 +9,7 @@ from torch import nn
 
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
+from trainer.parallel.model_source import ModelSource, model_source
 
 
 class Backend(Protocol):
@@ -38,11 +39,14 @@ class Backend(Protocol):
     def lr(self) -> float: ...
 
 
-def build_backend(config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> Backend:
+__all__ = ["Backend", "ModelSource", "build_backend", "model_source"]
+
+
+def build_backend(config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> Backend:
     if config.parallel.backend == "deepspeed":
         from trainer.parallel.deepspeed import DeepSpeedBackend
 
-        return DeepSpeedBackend(config, model, plan, env)
+        return DeepSpeedBackend(config, source, plan, env)
     from trainer.parallel.fsdp import FSDPBackend
 
-    return FSDPBackend(config, model, plan, env)
+    return FSDPBackend(config, source, plan, env)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +19,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.atomic import atomic_write_text, fsync_path
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
-from trainer.model import compile_blocks
+from trainer.models.build import compile_blocks
 from trainer.optim import build_scheduler, param_groups
+from trainer.parallel.model_source import ModelSource
 
 log = logging.getLogger(__name__)
 TAG = "deepspeed"
-UNIVERSAL = ".universal"  # derived data: a leading dot keeps it out of the manifest
+UNIVERSAL = ".universal"  # derived data, never in the manifest (only the files the ranks wrote are)
+CONVERSION_FAILED = ".universal.failed"
+CONVERSION_WAIT_S = 4 * 3600  # how long the other ranks wait for rank 0's conversion (1.5B: minutes)
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what engine._copy_recovery_script copies
 
 
 def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
+    """The engine's config. In bf16, gradients are accumulated and reduced in fp32, as FSDP2 does
+    (MixedPrecisionPolicy(reduce_dtype=float32)): DeepSpeed's defaults, bf16 for both, would add rounding
+    at every micro batch and in every reduction, and the two backends would not train alike."""
     train = config.train
+    extra: dict[str, Any] = {}
+    if train.precision == "bf16":
+        extra = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -51,6 +67,7 @@ def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
         },
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
+        **extra,
     }
 
 
@@ -60,28 +77,34 @@ class DeepSpeedBackend:
     name = "deepspeed"
     supports_async = False
 
-    def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
+    def __init__(self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> None:
         if env.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         if env.device.type == "cpu":
             _skip_shm_comm_build()
-        # The model arrives fully initialised on the CPU (not built under zero.Init, whose partitioned
-        # parameters would skip the model's own weight init); the engine partitions it here.
-        if config.train.compile:
-            compile_blocks(model)
         ds_config = deepspeed_config(config, plan)
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        model = _partitioned_model(source, ds_config)
+        if config.train.compile:
+            compile_blocks(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=param_groups(model, config.train.weight_decay),
+            model_parameters=_param_groups(model, source, config.train.weight_decay),
             config=ds_config,
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, config.train),
         )
         self.module = self.engine.module
         self.device = self.engine.device
-        self._record_write_errors()
+        self._record_writes()
+        model_dtype, accum_dtype = self.engine.get_data_types()
+        log.info(
+            "DeepSpeed ZeRO-3: parameters in %s, gradients accumulated in %s and reduced in %s",
+            model_dtype,
+            getattr(self.engine.optimizer, "gradient_accumulation_dtype", accum_dtype),
+            self.engine.communication_data_type,
+        )
 
     def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
         loss = self.engine(input_ids=input_ids, labels=input_ids).loss
@@ -114,45 +137,89 @@ class DeepSpeedBackend:
         writes only record their failure; the first one is raised once the whole save has run.
         """
         self._write_errors.clear()
+        self._saved.clear()
         self.engine.save_checkpoint(str(step_dir), tag=TAG, save_latest=False)
         if self._write_errors:
             raise self._write_errors[0]
 
-    def _record_write_errors(self) -> None:
+    def saved_files(self) -> list[Path]:
+        """The files this rank wrote in the last `save`: its ZeRO shards (zero_pp_rank_R_mp_rank_00_model_
+        states.pt and _optim_states.pt) and, on rank 0, the recovery scripts. The checkpoint manager lists
+        these in the manifest (each rank reports its own files; no directory listing is trusted)."""
+        return list(self._saved)
+
+    def _record_writes(self) -> None:
+        """Route the engine's file writes through a recorder: the paths written, and the failures."""
         writer = self.engine.checkpoint_engine
         self._write_errors: list[Exception] = []
+        self._saved: list[Path] = []
 
-        def recorded(write: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(
+            write: Callable[..., Any], paths: Callable[..., list[Path]] | None = None
+        ) -> Callable[..., Any]:
             def call(*args: Any, **kwargs: Any) -> None:
                 try:
                     write(*args, **kwargs)
                 except Exception as error:  # torch.save reports a full disk as RuntimeError
                     self._write_errors.append(error)
+                    return
+                if paths is not None:
+                    self._saved.extend(paths(*args, **kwargs))
 
             return call
 
-        writer.save, writer.makedirs = recorded(writer.save), recorded(writer.makedirs)
+        def saved(state_dict: Any, path: str) -> list[Path]:
+            return [Path(path)]
+
+        def scripts(save_path: str) -> list[Path]:
+            return [Path(save_path, name) for name in RECOVERY_SCRIPTS if Path(save_path, name).is_file()]
+
+        writer.save, writer.makedirs = recorded(writer.save, saved), recorded(writer.makedirs)
         # Rank 0 also copies DeepSpeed's recovery scripts next to the shards, outside the checkpoint engine.
-        self.engine._copy_recovery_script = recorded(self.engine._copy_recovery_script)
+        self.engine._copy_recovery_script = recorded(self.engine._copy_recovery_script, scripts)
 
     def load(self, step_dir: Path, saved_world_size: int) -> None:
+        """Load a step; one saved with another world size through DeepSpeed's universal format.
+
+        Rank 0 converts it once (kept in step_*/.universal for later attempts) while the other ranks wait
+        for the folder to appear, outside any collective: a conversion that outlasts
+        parallel.timeout_s (1.5B on a shared filesystem) must not make them abort. The engine reads the
+        universal layout for that load only: a later load of a checkpoint this run wrote itself (a
+        rollback) is a normal one.
+        """
         if saved_world_size == dist.get_world_size():
-            self.engine.load_checkpoint(str(step_dir), tag=TAG)
+            self.engine._config.load_universal_checkpoint = False
+            self._load(step_dir, TAG)
             return
         universal = step_dir / UNIVERSAL
-        if dist.get_rank() == 0 and not universal.is_dir():
-            to_universal(step_dir / TAG, universal)
-        dist.barrier()
+        token = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(token, src=0)  # names this conversion in a failure report
+        if dist.get_rank() == 0:
+            try:
+                (step_dir / CONVERSION_FAILED).unlink(missing_ok=True)
+                to_universal(step_dir / TAG, universal)
+            except Exception as error:
+                report = {"token": token[0], "error": str(error).strip().splitlines()[0]}
+                try:  # tells the waiting ranks; a read-only folder cannot, and the launcher stops them
+                    atomic_write_text(step_dir / CONVERSION_FAILED, json.dumps(report))
+                except OSError as write_error:
+                    log.error("could not tell the other ranks that the conversion failed: %s", write_error)
+                raise
+        else:
+            wait_for_conversion(universal, step_dir / CONVERSION_FAILED, token[0], CONVERSION_WAIT_S)
         log.info(
             "world size %d -> %d: loading the universal form of %s",
             saved_world_size,
             dist.get_world_size(),
             step_dir,
         )
-        self.engine._config.load_universal_checkpoint = True
         inner = self.engine.optimizer.optimizer
         weight_decays = [group["weight_decay"] for group in inner.param_groups]
-        self.engine.load_checkpoint(str(step_dir), tag=UNIVERSAL)
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            self._load(step_dir, UNIVERSAL)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         # DeepSpeed's universal loader copies group 0's hyper-parameters onto every group and hands all
         # groups one shared `step` tensor, which AdamW then increments once per group: undo both.
         for group, weight_decay in zip(inner.param_groups, weight_decays, strict=True):
@@ -160,6 +227,17 @@ class DeepSpeedBackend:
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+    def _load(self, step_dir: Path, tag: str) -> None:
+        """engine.load_checkpoint, which says it found nothing by returning None rather than raising.
+
+        It unpickles DeepSpeed's own files (torch.load(weights_only=False) inside the engine, which takes
+        no weights_only argument): a DeepSpeed checkpoint must come from a trusted source
+        (docs/checkpoints.md, "What loading trusts").
+        """
+        load_path, _ = self.engine.load_checkpoint(str(step_dir), tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed loaded nothing from {step_dir / tag}")
 
 
 def _skip_shm_comm_build() -> None:
@@ -173,12 +251,131 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _partitioned_model(source: ModelSource, ds_config: dict[str, Any]) -> nn.Module:
+    """The model built under `zero.Init`, so that each rank keeps only its partition, with rank 0's weights.
+
+    zero.Init builds each module in full, broadcasts its parameters from rank 0 and partitions them before
+    the next module; transformers' weight init then runs on emptied partitions and changes nothing, so the
+    values left are the modules' constructor defaults, not GPT-2's init. Rank 0's full model (the seeded
+    init or init_from's weights) replaces them one parameter at a time: GatheredParameters with
+    modifier_rank=0 gathers it, broadcasts rank 0's copy and partitions it again. The weights are then
+    those FSDP starts from, bit for bit.
+
+    The parameters are made in the compute dtype, which zero.Init takes from the config (fp32, or bf16/fp16
+    when enabled): the engine casts a plain model's parameters to bf16/fp16 but leaves a zero.Init model's
+    as they are, so fp32 ones would silently train in fp32. Copying the fp32 weights into them rounds as
+    that cast did, and the optimizer's fp32 master weights come from these. No `dtype` argument: with
+    one, DeepSpeed 0.19 picks bf16 on an accelerator without fp16 (the CPU) whatever it says.
+    """
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = source.empty()
+    full = source.take_full_state()
+    is_source = dist.get_rank() == 0
+    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    if is_source and set(full) != names:
+        raise RuntimeError(
+            f"the full model's state has other names than its parameters: {sorted(set(full) ^ names)}"
+        )
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if is_source:
+                param.data.copy_(full[name])
+    del full
+    assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
+    return model
+
+
+def _param_groups(model: nn.Module, source: ModelSource, weight_decay: float) -> list[dict[str, Any]]:
+    """`param_groups` of the partitioned model, decided on the meta model's shapes.
+
+    param_groups tells matrices from vectors by `dim()`; a partitioned parameter is an empty 1-d tensor
+    (its shape lives in `ds_shape`), so the same names in the same order are looked up on the meta model.
+    """
+    meta = source.meta()
+    names = {id(param): name for name, param in meta.named_parameters()}
+    params = dict(model.named_parameters())
+    return [
+        {**group, "params": [params[names[id(param)]] for param in group["params"]]}
+        for group in param_groups(meta, weight_decay)
+    ]
+
+
 def to_universal(source: Path, target: Path) -> None:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent), atomically."""
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (world-size independent) into `target`.
+
+    The output is built in `target`.tmp, fsynced, then renamed: `target` exists only when complete, so
+    an interrupted conversion never passes for a finished one. ds_to_universal cannot resume one (it has
+    no record of which parameters it finished), so a partial `.tmp` left by a killed attempt is cleared
+    and the conversion starts over, with a log line. Extraction and merging run in parallel processes.
+    """
+    if target.is_dir():
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    if tmp.exists():
+        log.warning(
+            "%s holds an interrupted conversion, which ds_to_universal cannot resume: starting over", tmp
+        )
+        shutil.rmtree(tmp)
+    cpus = os.cpu_count() or 2
+    extract, merge = max(2, min(8, cpus)), max(2, min(4, cpus // 2))  # merging takes more memory per worker
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+               "--output_folder", str(tmp), "--num_extract_workers", str(extract),
+               "--num_merge_workers", str(merge)]  # fmt: skip
+    started = time.monotonic()
+    log.info(
+        "converting %s to DeepSpeed's universal format (%d extract, %d merge workers)", source, extract, merge
+    )
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {source}: {result.stderr.strip().splitlines()[-1:]}")
+    _fsync_tree(tmp)
     tmp.rename(target)
+    fsync_path(target.parent)
+    log.info("converted %s in %.0f s", source, time.monotonic() - started)
+
+
+def wait_for_conversion(
+    target: Path, failed: Path, token: str, deadline_s: float, poll_s: float = 2.0
+) -> None:
+    """Wait (polling the filesystem, in no collective) until rank 0's conversion into `target` is done.
+
+    Raises if rank 0 reports that this conversion (`token`) failed, or after `deadline_s`.
+    """
+    started = time.monotonic()
+    next_note = started + 60
+    while not target.is_dir():
+        report = _read_json(failed)
+        if report.get("token") == token:
+            raise RuntimeError(
+                f"rank 0 could not convert the checkpoint for this world size: {report.get('error')}"
+            )
+        now = time.monotonic()
+        if now - started > deadline_s:
+            raise RuntimeError(
+                f"rank 0's conversion into {target} did not finish in {deadline_s:.0f} s; see rank 0's log"
+            )
+        if now >= next_note:
+            log.info(
+                "waiting for rank 0 to convert the checkpoint into %s (%.0f s so far)", target, now - started
+            )
+            next_note = now + 60
+        time.sleep(poll_s)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (in threads: each fsync waits on the storage)."""
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    folders = [folder, *(path for path in folder.rglob("*") if path.is_dir())]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(fsync_path, files))
+        list(pool.map(fsync_path, folders))

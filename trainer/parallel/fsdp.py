@@ -11,7 +11,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -19,8 +24,10 @@ from torch.distributed.tensor import DTensor
 from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
-from trainer.model import compile_blocks
+from trainer.models.build import compile_blocks
+from trainer.models.gpt2 import init_non_persistent_buffers
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.model_source import ModelSource
 
 
 def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: bool) -> FSDPModule:
@@ -44,15 +51,29 @@ def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: b
     return model  # type: ignore[return-value]
 
 
+def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -> None:
+    """Give a model sharded on the meta device its memory and rank 0's weights (torchtitan's meta init).
+
+    Each rank allocates only its shards; rank 0 sends one full tensor at a time and every rank copies its
+    slice, so no rank but 0 ever holds more than its shards and one parameter in full.
+    """
+    module.to_empty(device=device)
+    init_non_persistent_buffers(module)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(module, source.take_full_state(), options=options)
+    model: Any = module
+    assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
+
+
 class FSDPBackend:
     """Checkpoints are DCP folders, which reshard on load: any world size can resume any other's."""
 
     name = "fsdp"
     supports_async = True
 
-    def __init__(self, config: Config, model: nn.Module, plan: BatchPlan, env: DistEnv) -> None:
-        model.to(env.device)
-        self.module = parallelize(model, config.train.precision, env, config.train.compile)
+    def __init__(self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> None:
+        self.module = parallelize(source.meta(), config.train.precision, env, config.train.compile)
+        materialize(self.module, source, env.device)
         self.optimizer = build_optimizer(self.module, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train)
         self.grad_clip = config.train.grad_clip

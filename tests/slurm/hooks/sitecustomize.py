@@ -15,12 +15,12 @@ if _setting:
     if not _allocations or _restart < int(_allocations):
         import time
 
-        import trainer.preemption
+        import trainer.resilience.preemption
 
-        _agreed = trainer.preemption.StopSignals.agreed
+        _agreed = trainer.resilience.preemption.StopSignals.agreed
 
         def _slow_agreed(self, _delay=float(_seconds)):
             time.sleep(_delay)
             return _agreed(self)
 
-        trainer.preemption.StopSignals.agreed = _slow_agreed
+        trainer.resilience.preemption.StopSignals.agreed = _slow_agreed

@@ -1,0 +1,134 @@
+"""The per-task supervisor: signals reach the trainer whenever they arrive; the requeue rules by exit status.
+
+The end-to-end cases (a rank killed by SIGABRT in a 2-node job is requeued and resumes exactly; a user error is
+not requeued; the cap holds) run on the local SLURM cluster in tests/slurm/test_submit.py. Here the same code
+runs without SLURM's controller: `scontrol` is absent or refuses, which `requeue` reports without raising.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from trainer.resilience.requeue import REQUEUES_FILE
+from trainer.resilience.supervisor import child_environment, decide, supervise
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    time.sleep(float(sys.argv[1]))  # start-up: no handler yet, the signal must wait
+    from trainer.resilience.preemption import StopSignals
+    signals = StopSignals()
+    deadline = time.monotonic() + 10
+    while not signals.received and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("received", signals.received, flush=True)
+    signals.restore()
+    import os, signal, threading
+    threading.Thread(target=time.sleep, args=(1,)).start()  # threads do not block the signals
+    os.kill(os.getpid(), signal.SIGTERM)  # after the run: no effect
+    time.sleep(0.3)
+    print("finished", flush=True)
+    """
+)
+SUPERVISOR = textwrap.dedent(
+    """
+    import sys
+    from trainer.resilience.supervisor import run_child
+    sys.exit(run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], dict(__import__("os").environ)))
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM])
+def test_a_stop_signal_during_start_up_waits_for_the_trainers_handler(sig):
+    """Sent to the task before the trainer has its handler: neither lost nor fatal, handled once it is ready;
+    and once the run is over, a late stop signal does not kill the trainer."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, CHILD, "1.5"], stdout=subprocess.PIPE, text=True
+    )
+    time.sleep(0.8)  # the child is sleeping with the signal blocked
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert out.split() == ["received", str(int(sig)), "finished"]
+
+
+@pytest.fixture
+def slurm_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A run folder inside a (pretend) allocation: a job id without a controller to talk to."""
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no scontrol
+    run_dir = tmp_path / "run"
+    (run_dir / "heartbeats").mkdir(parents=True)
+    beat = {"rank": 1, "phase": "forward/backward", "step": 7, "since": 0, "time": 0, "pid": 99, "host": "n2"}
+    (run_dir / "heartbeats" / "rank00001.json").write_text(json.dumps(beat))
+    return run_dir
+
+
+def markers(run_dir: Path) -> dict[str, str]:
+    return {path.name: path.read_text().strip() for path in run_dir.glob(".requeue-*")}
+
+
+def test_a_finished_run_is_never_requeued(slurm_job):
+    assert decide(slurm_job, 1, 0, max_requeues=5) is None
+    assert markers(slurm_job) == {} and not (slurm_job / REQUEUES_FILE).exists()
+
+
+def test_a_user_error_is_recorded_so_that_no_task_requeues(slurm_job):
+    line = decide(slurm_job, 1, 2, max_requeues=5)
+    assert "user error" in line and "not requeueing" in line
+    assert markers(slurm_job) == {".requeue-4242-0": "user error: not requeued"}
+    # The other rank, failing because this one left its collective, defers to that decision.
+    started = time.monotonic()
+    other = decide(slurm_job, 0, 3, max_requeues=5)
+    assert time.monotonic() - started < 2, "a decision already made must not be waited for"
+    assert "has decided (user error: not requeued)" in other, other
+    assert not (slurm_job / REQUEUES_FILE).exists()
+
+
+def test_a_rank_killed_by_sigabrt_is_named_from_its_heartbeat_and_requeued(slurm_job):
+    line = decide(slurm_job, 1, -signal.SIGABRT, max_requeues=5)
+    assert line.startswith("rank 1 was killed by SIGABRT in 'forward/backward' of step 7 (pid 99 on n2)"), (
+        line
+    )
+    assert "scontrol requeue 4242 failed" in line, line  # attempted; no controller here
+    assert markers(slurm_job) == {".requeue-4242-0": "requeue after failure"}
+    history = json.loads((slurm_job / REQUEUES_FILE).read_text())
+    assert history["count"] == 0 and history["events"] == [], "a requeue that failed is not counted"
+
+
+def test_the_requeue_cap_holds_for_failures(slurm_job):
+    (slurm_job / REQUEUES_FILE).write_text(json.dumps({"count": 2, "events": []}))
+    line = decide(slurm_job, 1, 1, max_requeues=2)
+    assert "slurm.max_requeues=2 reached: not requeueing" in line, line
+
+
+def test_nccl_settings_are_defaults_the_site_can_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("NCCL_DEBUG", "INFO")
+    env = child_environment(tmp_path)
+    assert env["NCCL_DEBUG"] == "INFO" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    assert int(env["TORCH_FR_BUFFER_SIZE"]) > 0  # torch 2.14's name (TORCH_NCCL_TRACE_BUFFER_SIZE before 2.7)
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_traces" / "rank_")
+
+
+def test_supervise_runs_the_trainer_and_reports_its_user_error(tmp_path, monkeypatch):
+    """The whole path without SLURM: a config error in the trainer is exit 2 from the task, nothing decided."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    code = supervise(["tiny", f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'missing'}"])
+    assert code == 2
+    assert markers(tmp_path / "run") == {}
+    for sig in (signal.SIGUSR2, signal.SIGTERM):
+        assert signal.getsignal(sig) == signal.SIG_IGN
+        signal.signal(sig, signal.SIG_DFL)
+    assert os.environ.get("SLURM_JOB_ID") is None

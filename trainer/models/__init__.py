@@ -1,0 +1,1 @@
+"""Models: choosing attention, building a model from the config, loading, exporting and sampling."""

@@ -1,0 +1,63 @@
+"""Text from a loaded model, seeded (`llm-train generate`, `compare --prompt`, the demo)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.errors import UserError
+
+
+def check_sampling(max_new_tokens: int, temperature: float) -> None:
+    if max_new_tokens < 1 or temperature < 0:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} must be >= 1 and --temperature {temperature} >= 0"
+        )
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> str:
+    """The prompt and its continuation; greedy at temperature 0, else the same text for the same seed."""
+    check_sampling(max_new_tokens, temperature)
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    room = model.config.n_positions - input_ids.shape[1]
+    if room < 1:
+        raise UserError(
+            f"--prompt is {input_ids.shape[1]} tokens, the model's context is {model.config.n_positions}"
+        )
+    torch.manual_seed(seed)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_k": 0}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    output = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=min(max_new_tokens, room),
+        pad_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def tidy_sample(prompt: str, text: str) -> str:
+    """A sample for the terminal: trailing spaces and runs of blank lines removed (a tiny model emits many),
+    and a note instead of nothing when the model added no text to the prompt."""
+    lines, previous_blank = [], False
+    for line in text.rstrip().splitlines():
+        blank = not line.strip()
+        if not (blank and previous_blank):
+            lines.append(line.rstrip())
+        previous_blank = blank
+    tidy = "\n".join(lines)
+    if not tidy.strip() or tidy.strip() == prompt.strip():
+        return f"{prompt.rstrip()}\n(no text generated: the model ended the sample at once)"
+    return tidy

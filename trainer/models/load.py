@@ -1,0 +1,121 @@
+"""Loading a trained model from any folder: an exported HF folder, a run folder, or a checkpoint step folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from trainer.checkpoint import newest_valid_step, verify_step
+from trainer.checkpoint.dcp_read import load_model_state
+from trainer.config import Config, load_config
+from trainer.errors import UserError
+from trainer.models.gpt2 import gpt2_config, load_pretrained, set_causal_lm_loss
+
+TRAINING_INFO = "llm_training.json"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: GPT2LMHeadModel
+    tokenizer_dir: Path | None
+    step: int | None
+    data_path: str | None
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "manifest.json").exists()
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A RUN_DIR means its newest valid checkpoint; a step folder must verify."""
+    if (path / "checkpoints").is_dir():
+        point = newest_valid_step(path / "checkpoints")
+        if point is None:
+            raise UserError(
+                f"run folder '{path}' has no complete checkpoint; train it first or name a step folder"
+            )
+        return point.step_dir
+    manifest, problem = verify_step(path)
+    if manifest is None:
+        raise UserError(
+            f"'{path}' is not a complete checkpoint ({problem}); give a RUN_DIR, a step folder or an HF folder"
+        )
+    return path
+
+
+def full_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The whole fp32 model state, gathered from the shards in this process, without a process group.
+
+    FSDP (DCP): only the `model.*` entries are read, straight into tensors shaped from the checkpoint's
+    index; the optimizer's entries are never opened, nothing is written elsewhere (no /tmp copy), and
+    nothing is unpickled but DCP's index classes and plain data (trainer/checkpoint/dcp_read.py), so a
+    checkpoint cannot run code here.
+
+    DeepSpeed: `get_fp32_state_dict_from_zero_checkpoint` reads the fp32 weights from the optimizer
+    partitions, and it unpickles DeepSpeed's own files (torch.load(weights_only=False) inside, with no
+    weights_only argument to pass): load DeepSpeed checkpoints from trusted sources only
+    (docs/checkpoints.md, "What loading trusts").
+    """
+    backend = json.loads((step_dir / "manifest.json").read_text())["backend"]
+    if backend == "deepspeed":
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag="deepspeed")
+    return load_model_state(step_dir / "model")
+
+
+def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | None = None) -> LoadedModel:
+    """The checkpoint's model (in eval mode), with its run's shape; `dropout` replaces the run's setting."""
+    config: Config = load_config(step_dir / "config.yaml")
+    state = full_state_dict(step_dir)
+    vocab_size, n_embd = state["transformer.wte.weight"].shape
+    seq_len = state["transformer.wpe.weight"].shape[0]
+    model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
+    model = GPT2LMHeadModel._from_config(
+        gpt2_config(model_config, vocab_size, seq_len), attn_implementation=attn
+    )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(
+            f"checkpoint {step_dir} does not fit GPT-2: missing {missing}, unexpected {unexpected}"
+        )
+    model.tie_weights()
+    set_causal_lm_loss(model)
+    tokenizer_dir = Path(config.data.path) / "tokenizer"
+    step = json.loads((step_dir / "manifest.json").read_text())["step"]
+    return LoadedModel(
+        model.eval(), tokenizer_dir if tokenizer_dir.is_dir() else None, step, config.data.path
+    )
+
+
+def load_any(path: str | Path) -> LoadedModel:
+    """A RUN_DIR, a checkpoint step folder, or an exported HF folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(
+            f"'{path}' does not exist; give a RUN_DIR, a checkpoint step folder or an exported HF folder"
+        )
+    if is_hf_folder(path):
+        model = load_pretrained(path).eval()
+        set_causal_lm_loss(model)
+        info_file = path / TRAINING_INFO
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        return LoadedModel(
+            model,
+            path if (path / "tokenizer_config.json").is_file() else None,
+            info.get("step"),
+            info.get("data_path"),
+        )
+    return model_from_checkpoint(resolve_step_dir(path))
+
+
+def load_tokenizer(loaded: LoadedModel) -> PreTrainedTokenizerBase:
+    if loaded.tokenizer_dir is None:
+        raise UserError(
+            "no tokenizer found next to this model (the run's data.path/tokenizer is gone); export from the run"
+        )
+    return AutoTokenizer.from_pretrained(loaded.tokenizer_dir)

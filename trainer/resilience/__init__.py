@@ -1,0 +1,1 @@
+"""Resilience: heartbeats, goodput, preemption and requeue, non-finite handling, fault injection for tests."""

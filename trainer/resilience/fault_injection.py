@@ -1,0 +1,91 @@
+"""Faults on demand, for tests of what the trainer does when things break. Inert unless the variable is set.
+
+LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep after step STEP's shards are written, before its manifest
+LLM_TRAIN_TEST_NAN_AT_BATCH="K[,K...]"        the loss of global batch K (0-based draw order) becomes NaN
+LLM_TRAIN_TEST_SPIKE_AT_BATCH="K:FACTOR"     the loss of global batch K is multiplied by FACTOR (a loss spike)
+LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's loss all-reduce
+LLM_TRAIN_TEST_ABORT="RANK:STEP[:ALLOCS]"     rank RANK calls os.abort() (SIGABRT, what NCCL's watchdog does) at
+                                              step STEP, in the first ALLOCS SLURM allocations (default 1)
+LLM_TRAIN_TEST_USER_ERROR="RANK:STEP"         rank RANK raises a UserError (exit 2) at step STEP
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SLEEP_IN_SAVE_ENV = "LLM_TRAIN_TEST_SLEEP_IN_SAVE"
+NAN_AT_BATCH_ENV = "LLM_TRAIN_TEST_NAN_AT_BATCH"
+SPIKE_AT_BATCH_ENV = "LLM_TRAIN_TEST_SPIKE_AT_BATCH"
+STALL_ENV = "LLM_TRAIN_TEST_STALL"
+ABORT_ENV = "LLM_TRAIN_TEST_ABORT"
+USER_ERROR_ENV = "LLM_TRAIN_TEST_USER_ERROR"
+
+
+@functools.cache  # read once per process: two of these hooks sit in every training step
+def _numbers(variable: str) -> list[float] | None:
+    value = os.environ.get(variable)
+    return [float(part) for part in value.replace(",", ":").split(":")] if value else None
+
+
+def sleep_in_save(step: int) -> None:
+    hook = _numbers(SLEEP_IN_SAVE_ENV)
+    if hook and int(hook[0]) == step:
+        time.sleep(hook[1])
+
+
+def step_faults(rank: int, step: int) -> None:
+    """The stall, abort and user-error hooks, between a step's backward and its optimizer step."""
+    hook = _numbers(STALL_ENV)
+    if hook and int(hook[0]) == rank and int(hook[1]) == step:
+        log.warning("test hook: rank %d stalls for %.0f s at step %d", rank, hook[2], step)
+        time.sleep(hook[2])
+    hook = _numbers(ABORT_ENV)
+    allocation = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    if hook and int(hook[0]) == rank and int(hook[1]) == step and allocation < (hook[2:] or [1])[0]:
+        log.warning("test hook: rank %d aborts at step %d", rank, step)
+        os.abort()
+    hook = _numbers(USER_ERROR_ENV)
+    if hook and int(hook[0]) == rank and int(hook[1]) == step:
+        raise UserError(f"test hook: rank {rank} stops with a user error at step {step}")
+
+
+def _loss_factor(batch_index: int) -> float | None:
+    chosen = _numbers(NAN_AT_BATCH_ENV)
+    if chosen and batch_index in {int(k) for k in chosen}:
+        return float("nan")
+    spike = _numbers(SPIKE_AT_BATCH_ENV)
+    if spike and int(spike[0]) == batch_index:
+        return spike[1]
+    return None
+
+
+@contextmanager
+def scaled_loss_if_chosen(module: nn.Module, batch_index: int) -> Iterator[None]:
+    """While active, the model's loss for this global batch (and so its gradients) is multiplied by NaN
+    or by the spike factor, when one of the hooks above names the batch."""
+    factor = _loss_factor(batch_index)
+    if factor is None:
+        yield
+        return
+
+    def scale(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        output.loss = output.loss * factor
+        return output
+
+    handle = module.register_forward_hook(scale)
+    try:
+        yield
+    finally:
+        handle.remove()

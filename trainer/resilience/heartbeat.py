@@ -1,0 +1,160 @@
+"""Each rank's liveness and current phase, so that the ranks left behind can name a lost or stalled one.
+
+A collective that fails says little: gloo reports a closed socket or a timeout, NCCL a watchdog timeout,
+neither says which rank went missing. So every rank runs a daemon thread that writes
+RUN_DIR/heartbeats/rankNNNNN.json every `interval_s` seconds: its phase ("forward/backward",
+"loss all-reduce", "checkpoint save", ...), the step, since when, its pid and host. The training
+thread only sets attributes when the phase changes. When a collective fails, `diagnose` reads the
+others' files: a rank whose heartbeat stopped is lost (killed, crashed, node down); a rank still beating
+but not where this one is (an earlier phase or step) is the one that stalled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FOLDER = "heartbeats"
+STALE_INTERVALS = 2.5  # a heartbeat older than this many intervals means the rank is gone
+
+
+def heartbeat_interval(timeout_s: float) -> float:
+    """Often enough to tell a dead rank well inside the collective timeout, rarely enough to cost nothing."""
+    return max(0.5, min(5.0, timeout_s / 10))
+
+
+class Heartbeat:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, interval_s: float) -> None:
+        self.folder = run_dir / FOLDER
+        self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
+        self.phase, self.step, self.since = "start-up", 0, time.time()
+        self._host, self._pid = socket.gethostname(), os.getpid()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if world_size > 1:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._beat()
+            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+            self._thread.start()
+
+    def enter(self, phase: str, step: int | None = None) -> None:
+        """This rank is now in `phase` (of `step`, if given)."""
+        self.phase, self.since = phase, time.time()
+        if step is not None:
+            self.step = step
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * self.interval_s)
+            self._thread = None
+            self._write({"exited": True})
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except OSError as error:  # a full or vanished run folder must not kill training
+                log.debug("heartbeat not written: %s", error)
+
+    def _beat(self) -> None:
+        self._write({})
+
+    def _write(self, extra: dict[str, Any]) -> None:
+        record = {
+            "rank": self.rank,
+            "phase": self.phase,
+            "step": self.step,
+            "since": self.since,
+            "time": time.time(),
+            "pid": self._pid,
+            "host": self._host,
+            **extra,
+        }
+        path = self.folder / f"rank{self.rank:05d}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(path)
+
+    def _read(self, rank: int) -> dict[str, Any] | None:
+        return read_heartbeat(self.folder.parent, rank)
+
+    def diagnose(self, max_wait_s: float | None = None) -> str:
+        """Which other ranks are lost or behind, in one line. Waits until a lost rank's heartbeat is stale."""
+        if self.world_size == 1:
+            return "single process"
+        deadline = time.time() + (
+            max_wait_s if max_wait_s is not None else STALE_INTERVALS * self.interval_s + 1
+        )
+        while True:
+            findings = self._findings()
+            if any(kind == "lost" for kind, _ in findings) or time.time() >= deadline:
+                break
+            time.sleep(self.interval_s / 2)
+        culprits = [text for kind, text in findings if kind in ("lost", "behind")]
+        if culprits:
+            return "; ".join(culprits)
+        return (
+            f"every rank reached '{self.phase}' of step {self.step}: the collective itself failed "
+            "(network, NCCL/gloo) rather than a rank"
+        )
+
+    def _findings(self) -> list[tuple[str, str]]:
+        now, findings = time.time(), []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                continue
+            record = self._read(rank)
+            if record is None:
+                findings.append(("lost", f"rank {rank} never reported (no heartbeat in {self.folder})"))
+                continue
+            where = f"'{record['phase']}' of step {record['step']}"
+            age, in_phase = now - record["time"], now - record["since"]
+            if record.get("exited") or age > STALE_INTERVALS * self.interval_s or not _alive(record):
+                findings.append(
+                    (
+                        "lost",
+                        f"rank {rank} is lost (pid {record['pid']} on {record['host']}, "
+                        f"last heartbeat {age:.0f} s ago, in {where})",
+                    )  # fmt: skip
+                )
+            elif (record["step"], record["phase"]) != (self.step, self.phase):
+                findings.append(
+                    (
+                        "behind",
+                        f"rank {rank} stalled in {where} for {in_phase:.0f} s (this rank waits in "
+                        f"'{self.phase}' of step {self.step})",
+                    )  # fmt: skip
+                )
+            else:
+                findings.append(("same", f"rank {rank} in {where}"))
+        return findings
+
+
+def read_heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    """A rank's last heartbeat record, or None when it never wrote one (or a single-process run)."""
+    try:
+        return json.loads((run_dir / FOLDER / f"rank{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(record: dict[str, Any]) -> bool:
+    """False when the rank ran on this host and its process is gone; True when unknown."""
+    if record.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(record["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True

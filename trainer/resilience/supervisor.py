@@ -1,0 +1,167 @@
+"""One SLURM task = this supervisor + one training process: the requeue is decided outside the trainer.
+
+On NCCL a lost or stalled peer ends in the watchdog's `abort()` (SIGABRT), the kernel's OOM killer sends
+SIGKILL, a segfault is SIGSEGV: in none of them does the trainer's Python get to say "requeue me". So each
+task runs `python -m trainer.main` as a child and decides when it has exited:
+
+  exit 0                finished, or preempted and already requeued by rank 0 after its checkpoint: nothing
+  exit 2                a user error: never requeued (the decision is recorded, so no other task requeues)
+  exit 1, or a signal   this rank failed: name it from its heartbeat, requeue while slurm.max_requeues remain
+  exit 3                a collective failed because another rank did (PEER_FAILED_EXIT): wait a little for
+                        that rank's task to decide (it may be a user error), then requeue if nobody has decided
+
+Every decision claims RUN_DIR/.requeue-JOB-RESTART (O_EXCL, see requeue.py), so one allocation requeues at
+most once whichever tasks survive. Stop signals (SIGUSR2, SIGTERM) are passed to the child, which starts with
+them blocked and unblocks them once its handlers are installed (StopSignals): a signal during start-up waits in
+the kernel instead of killing the process or being lost. The NCCL settings below are set unless the site's
+environment already has them.
+
+    srun python -m trainer.resilience.supervisor CONFIG [key=value ...]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from types import FrameType
+
+from trainer.errors import PEER_FAILED_EXIT, UserError
+from trainer.resilience.heartbeat import read_heartbeat
+from trainer.resilience.requeue import STOP_SIGNALS, cancelled, decided, decision, record_decision, requeue
+
+PEER_DECISION_WAIT_S = 15.0
+
+NCCL_DEFAULTS = {
+    # A failed or timed-out collective tears the process down (abort) instead of hanging the job.
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    # Flight recorder: on a timeout each rank dumps its last collectives (which rank stopped where).
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    # NCCL's own warnings (a lost peer, a bad network interface) in the task logs, without its info flood.
+    "NCCL_DEBUG": "WARN",
+}
+FLIGHT_RECORDER_SIZE = "2000"
+
+
+def flight_recorder_variables() -> tuple[str, str]:
+    """The names of the flight recorder's buffer size and dump file: torch 2.7 renamed them (TORCH_FR_*)."""
+    try:
+        major, minor = (int(part) for part in version("torch").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        major, minor = 2, 7
+    if (major, minor) >= (2, 7):
+        return "TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE"
+    return "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE"
+
+
+def child_environment(run_dir: Path | None) -> dict[str, str]:
+    """This task's environment plus the NCCL defaults; the flight recorder dumps into RUN_DIR/nccl_traces/."""
+    env = dict(os.environ)
+    for key, value in NCCL_DEFAULTS.items():
+        env.setdefault(key, value)
+    buffer_size, dump_file = flight_recorder_variables()
+    env.setdefault(buffer_size, FLIGHT_RECORDER_SIZE)
+    if run_dir is not None and dump_file not in env:
+        (run_dir / "nccl_traces").mkdir(parents=True, exist_ok=True)
+        env[dump_file] = str(run_dir / "nccl_traces" / "rank_")
+    return env
+
+
+def run_child(command: list[str], env: dict[str, str]) -> int:
+    """Run the trainer with stop signals blocked (it unblocks them), passing ours on; its exit status."""
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, forward)
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        child = subprocess.Popen(command, env=env)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    return child.wait()
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def diagnose(run_dir: Path, rank: int, code: int) -> str:
+    """One line naming this task's rank, how it ended, and where it was (its last heartbeat)."""
+    record = read_heartbeat(run_dir, rank)
+    where = (
+        f" in '{record['phase']}' of step {record['step']} (pid {record['pid']} on {record['host']})"
+        if record
+        else f" on {socket.gethostname()} (no heartbeat)"
+    )
+    return f"rank {rank} {describe_exit(code)}{where}"
+
+
+def decide(run_dir: Path, rank: int, code: int, max_requeues: int) -> str | None:
+    """Requeue or not after the trainer exited with `code`; returns a line to log, or None."""
+    if code == 0:
+        return None
+    if code == 2:
+        record_decision(run_dir, "user error: not requeued")
+        return f"rank {rank} exited with a user error (exit 2): not requeueing"
+    if cancelled(run_dir) or decision(run_dir).startswith("requeue after SIG"):
+        return None  # the job is being stopped (cancel, or a preemption's requeue): SLURM ends every task
+    if code == PEER_FAILED_EXIT:
+        deadline = time.monotonic() + PEER_DECISION_WAIT_S
+        while time.monotonic() < deadline and not decided(run_dir):
+            time.sleep(0.5)
+    message = diagnose(run_dir, rank, code)
+    record = read_heartbeat(run_dir, rank) or {}
+    _, why = requeue(run_dir, max_requeues, int(record.get("step", 0)), "failure", cause=message)
+    return f"{message}; {why}"
+
+
+def supervise(trainer_args: list[str]) -> int:
+    """Run one task's trainer and decide about the requeue; returns the task's exit code (3 reads as 1)."""
+    run_dir, max_requeues = _run_settings(trainer_args)
+    code = run_child([sys.executable, "-m", "trainer.main", *trainer_args], child_environment(run_dir))
+    rank = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
+    if run_dir is not None and "SLURM_JOB_ID" in os.environ:
+        line = decide(run_dir, rank, code, max_requeues)
+        if line:
+            _log(run_dir, rank, line)
+    for sig in STOP_SIGNALS:  # the run is over: a late signal must not turn this task into a failure
+        signal.signal(sig, signal.SIG_IGN)
+    if code < 0:
+        return 128 - code
+    return 1 if code == PEER_FAILED_EXIT else code
+
+
+def _run_settings(trainer_args: list[str]) -> tuple[Path | None, int]:
+    """run.dir and slurm.max_requeues, or (None, 0) when the config does not load (the trainer will say why)."""
+    from trainer.config import load_config
+
+    try:
+        config = load_config(trainer_args[0] if trainer_args else None, trainer_args[1:])
+    except UserError:
+        return None, 0
+    return Path(config.run.dir), config.slurm.max_requeues
+
+
+def _log(run_dir: Path, rank: int, line: str) -> None:
+    """On stderr (the task's SLURM log) and appended to the rank's log file."""
+    print(f"llm-train supervisor: {line}", file=sys.stderr, flush=True)
+    try:
+        with open(run_dir / "logs" / f"rank{rank}.log", "a") as log_file:
+            log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} supervisor rank {rank}: {line}\n")
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(sys.argv[1:]))
