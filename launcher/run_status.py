@@ -103,7 +103,6 @@ def _run_settings(run_dir: Path) -> tuple[int, int]:
 def _checkpoints(run_dir: Path, verify: bool) -> list[Checkpoint]:
     """Each step folder, newest first. By default from its manifest and the files' sizes, reading no checkpoint
     data (a login node must not read 50 GB per `status`); `verify` checksums every file as a resume does."""
-    from trainer.checkpoint.manifest import read_manifest
     from trainer.checkpoint.steps import LATEST, step_folders, verify_step
 
     root = run_dir / "checkpoints"
@@ -111,27 +110,9 @@ def _checkpoints(run_dir: Path, verify: bool) -> list[Checkpoint]:
     latest = latest_file.read_text().strip() if latest_file.is_file() else None
     found = []
     for folder in step_folders(root):
-        if verify:
-            manifest, problem = verify_step(folder)
-        else:
-            try:
-                manifest, problem = read_manifest(folder), None
-                problem = _size_problem(folder, manifest["files"])
-            except ValueError as error:
-                manifest, problem = None, str(error)
+        _, problem = verify_step(folder, checksums=verify)
         found.append(Checkpoint(folder.name, problem is None, problem, folder.name == latest))
     return found
-
-
-def _size_problem(step_dir: Path, files: dict[str, dict[str, Any]]) -> str | None:
-    for name, expected in sorted(files.items()):
-        try:
-            size = (step_dir / name).stat().st_size
-        except FileNotFoundError:
-            return f"{name} is missing"
-        if size != expected["size"]:
-            return f"{name} has {size} bytes, the manifest says {expected['size']}"
-    return None
 
 
 def _segment(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

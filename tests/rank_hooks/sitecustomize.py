@@ -56,3 +56,18 @@ if _prefix:
         return result
 
     trainer.loop.train_step = _observed_train_step
+
+# LLM_TEST_CHECKSUMS=PREFIX: each rank appends to PREFIX.rankN.txt the name of every file whose checksum it
+# computes to verify a checkpoint (trainer.checkpoint.manifest.file_checksum). It observes only.
+_checksums = os.environ.get("LLM_TEST_CHECKSUMS", "")
+if _checksums:
+    import trainer.checkpoint.manifest
+
+    _file_checksum = trainer.checkpoint.manifest.file_checksum
+
+    def _observed_file_checksum(path, _prefix=_checksums):
+        with open(f"{_prefix}.rank{os.environ.get('RANK', '0')}.txt", "a") as listing:
+            listing.write(f"{path}\n")
+        return _file_checksum(path)
+
+    trainer.checkpoint.manifest.file_checksum = _observed_file_checksum

@@ -24,12 +24,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
-import pickle
 import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from datetime import datetime, timezone
 from importlib import metadata
@@ -43,18 +40,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from trainer.atomic import atomic_write_bytes, atomic_write_text, fsync_path
 from trainer.checkpoint.dcp_read import METADATA, check_plain_data, data_files, read_metadata
 from trainer.checkpoint.manifest import MANIFEST, describe_files, read_manifest
-from trainer.checkpoint.rng import rng_state, set_rng_state
+from trainer.checkpoint.resume import RunCheckpoints
+from trainer.checkpoint.retention import retain
+from trainer.checkpoint.rng import load_rng_file, rng_state, set_rng_state
 from trainer.checkpoint.steps import (
     LATEST,
-    RUN_ID,
     ResumePoint,
-    belongs_to_run,
-    newest_valid_step,
-    read_run_id,
     step_dir_name,
-    step_folders,
-    step_number,
-    verify_step,
 )
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
@@ -83,112 +75,28 @@ class CheckpointManager:
         self._pending: threading.Thread | None = None
         self._pending_error: BaseException | None = None
         self._async_group = None
-        self._run_id: str | None = None
+        self.run = RunCheckpoints(config, env, self.root)
         self.last_saved_step: int | None = None
 
     @property
     def run_id(self) -> str:
-        """This run's id (rank 0: read from checkpoints/run_id, created on first use; others: as broadcast
-        by find_resume)."""
-        if self._run_id is None:
-            self._run_id = read_run_id(self.root) or self._new_run_id()
-        return self._run_id
-
-    def _new_run_id(self) -> str:
-        run_id = uuid.uuid4().hex[:16]
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.root / RUN_ID, run_id + "\n")
-        return run_id
-
-    # ---- resume -------------------------------------------------------------------------
+        return self.run.run_id
 
     def find_resume(self) -> ResumePoint | None:
-        """The checkpoint to resume from, decided by rank 0 and shared with every rank (with the run id)."""
-        setting = self.config.checkpoint.resume
-        choice: list[Any] = [None, None]
-        if self.env.is_main:
-            choice = [self._choose(setting), self.run_id]
-        if dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        self._run_id = choice[1]
-        if isinstance(choice[0], str):
-            raise UserError(choice[0])
-        return choice[0]
+        """The checkpoint to resume from, the same on every rank (see trainer/checkpoint/resume.py)."""
+        return self.run.find_resume()
 
     def newest_complete(self) -> ResumePoint | None:
         """The newest verified checkpoint of this run (a rollback's target), the same on every rank."""
-        choice: list[Any] = [self._newest_own() if self.env.is_main else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def _choose(self, setting: str) -> ResumePoint | str | None:
-        """auto: this run's newest; a folder of another run: that, until this run has checkpoints of its own
-        (a requeued job must go on from its own progress, not start over from the folder).
-
-        none: a new run, in the job's first attempt only. The setting is saved in RUN_DIR/config.yaml, so
-        a requeued attempt (SLURM_RESTART_COUNT >= 1) reads it again; it then resumes the run's own newest
-        checkpoint, as auto does, instead of throwing away the progress of the attempts before it.
-        """
-        if setting == "none":
-            attempt = requeue_attempt()
-            if attempt == 0:
-                earlier = read_run_id(self.root)
-                self._run_id = self._new_run_id()
-                if earlier and any(step_folders(self.root)):
-                    log.info(
-                        "checkpoint.resume=none: a new run starts in %s; the earlier run's step folders stay "
-                        "(never this run's to resume, count or delete); remove them by hand if unneeded",
-                        self.root,
-                    )
-                return None
-            log.info(
-                "checkpoint.resume=none applies to a job's first attempt only; this is requeued attempt %d "
-                "(SLURM_RESTART_COUNT), so it resumes this run's own newest checkpoint (as auto)",
-                attempt,
-            )
-            setting = "auto"
-        folder = Path(setting).absolute()
-        inside = setting != "auto" and folder.is_relative_to(self.root.absolute())
-        own = None if inside else self._newest_own()
-        if setting == "auto" and own is None:
-            self._warn_about_other_runs()
-        if setting == "auto" or own is not None:
-            return own
-        if (folder / "checkpoints").is_dir():  # a run folder: its newest complete step
-            point = newest_valid_step(folder / "checkpoints")
-            return point or f"checkpoint.resume='{setting}' is a run folder without a complete checkpoint"
-        manifest, problem = verify_step(folder)
-        if manifest is None:
-            return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
-        return ResumePoint(folder, manifest)
-
-    def _newest_own(self) -> ResumePoint | None:
-        return newest_valid_step(self.root, self.run_id, config_hash(self.config))
-
-    def _belongs(self, manifest: dict[str, Any]) -> bool:
-        return belongs_to_run(manifest, self.run_id, config_hash(self.config))
-
-    def _warn_about_other_runs(self) -> None:
-        others = []
-        for folder in step_folders(self.root):
-            try:
-                if not self._belongs(read_manifest(folder)):
-                    others.append(folder.name)
-            except ValueError:
-                continue
-        if others:
-            log.warning(
-                "%s holds checkpoints of another run (%s; or written before run ids, with another config): "
-                "not resumed; to go on from one, set checkpoint.resume to its path",
-                self.root,
-                ", ".join(others),
-            )
+        return self.run.newest_complete()
 
     def is_own(self, point: ResumePoint) -> bool:
-        """Whether `point` is one of this run's checkpoints (rather than another run's)."""
-        inside = point.step_dir.absolute().is_relative_to(self.root.absolute())
-        return inside and belongs_to_run(point.manifest, self._run_id, config_hash(self.config))
+        return self.run.is_own(point)
+
+    def _belongs(self, manifest: dict[str, Any]) -> bool:
+        return self.run.belongs(manifest)
+
+    # ---- resume -------------------------------------------------------------------------
 
     def load(self, point: ResumePoint, backend: Any, loader: Any) -> dict[str, Any]:
         """Restore backend shards, RNG streams and the data position; returns the train state dict."""
@@ -356,7 +264,7 @@ class CheckpointManager:
         free = _free_space(self.root)
         if self.env.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)
-        previous = self._newest_own() if self.env.is_main else None
+        previous = self.run.newest_own() if self.env.is_main else None
         raise CheckpointWriteError(
             f"checkpoint step {step} could not be written to {step_dir} ({'; '.join(problems)}); "
             f"{free} free there; "
@@ -406,7 +314,7 @@ class CheckpointManager:
                 (step_dir / MANIFEST).unlink(missing_ok=True)
         self._agree(step, step_dir, failure, group)
         if self.env.is_main:
-            self._retain()
+            retain(self.root, self._belongs, self.config.checkpoint.keep_last)
         self.last_saved_step = step
 
     def _backend_files(self, backend: Any, step_dir: Path) -> list[str]:
@@ -444,43 +352,6 @@ class CheckpointManager:
                 f"DCP wrote {unreported}, which no rank reported; the manifest would not cover the checkpoint"
             )
 
-    def _retain(self) -> None:
-        """Keep the newest `keep_last` complete steps of this run; its incomplete folders older than its
-        newest complete step go too. Another run's steps are neither counted nor deleted: a copied-in
-        step of a higher number must not push this run's own steps out.
-
-        A folder to delete is renamed first (instant, even on a shared filesystem) and deleted in a
-        background thread: deleting gigabytes is not part of the save's time (a preemption save must
-        fit in SLURM's grace time), and a half-deleted folder never looks like a step."""
-        own, others = [], set()
-        for folder in step_folders(self.root):
-            try:
-                manifest = read_manifest(folder)
-            except ValueError:
-                continue  # incomplete
-            if self._belongs(manifest):
-                own.append(folder)
-            else:  # another run's, or written before run ids with another config: not provably ours
-                others.add(folder.name)
-        keep = {folder.name for folder in own[: self.config.checkpoint.keep_last]}
-        newest_step = step_number(own[0]) if own else None
-        for folder in step_folders(self.root):
-            if folder.name in keep or folder.name in others or newest_step is None:
-                continue
-            if step_number(folder) > newest_step:
-                continue
-            log.info("retention: removing %s", folder)
-            try:  # out of the way at once (one rename), deleted in the background
-                folder.rename(self.root / f"{TRASH_PREFIX}{folder.name}-{uuid.uuid4().hex[:8]}")
-            except OSError:
-                shutil.rmtree(folder, ignore_errors=True)
-        if others:
-            log.info("retention: leaving %s alone (written by another run)", ", ".join(sorted(others)))
-        trash = [path for path in self.root.iterdir() if path.name.startswith(TRASH_PREFIX)]
-        if trash:
-            # Not a daemon: the process waits for it at exit. A folder left by a kill goes next time.
-            threading.Thread(target=_remove_all, args=(trash,), name="ckpt-retention").start()
-
     def _checkpoint_group(self) -> Any:
         """A separate gloo group, so background-save collectives never interleave with training's."""
         if self._async_group is None and dist.is_initialized():
@@ -494,41 +365,6 @@ class CheckpointWriteError(UserError):
 
 class IncompleteReportError(RuntimeError):
     """The ranks' reports miss a file the backend wrote: no manifest is written for that step."""
-
-
-TRASH_PREFIX = ".removing-"  # a step folder retention is deleting: no longer a step folder by its name
-
-
-def _remove_all(folders: list[Path]) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def requeue_attempt() -> int:
-    """0 for a job's first attempt, N for its N-th requeue (SLURM_RESTART_COUNT; 0 outside SLURM)."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
-
-
-def load_rng_file(path: Path, step_dir: Path) -> dict[str, Any]:
-    """A rank's RNG state, read with weights_only=True (tensors and plain data, nothing that runs).
-
-    A file written before RNG states were stored as tensors holds numpy's state as a pickled ndarray,
-    which weights_only refuses: that checkpoint can no longer be resumed in full.
-    """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(
-            f"checkpoint {step_dir} predates safe loading: {path.relative_to(step_dir)} holds pickled objects, "
-            "which llm-train no longer unpickles (a checkpoint must never run code); start a new run.dir from its "
-            f"weights with checkpoint.resume={step_dir} checkpoint.load=weights_only"
-        ) from error
-    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys():
-        raise UserError(f"{path} is not an RNG state file of llm-train; the checkpoint is damaged")
-    return state
 
 
 def _first_line(error: BaseException, rank: int = 0) -> str:

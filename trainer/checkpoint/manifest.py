@@ -88,15 +88,24 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_files(step_dir: Path, files: dict[str, dict[str, Any]]) -> str | None:
-    """The first problem with the named files, or None when sizes and checksums all match."""
+def check_sizes(step_dir: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    """The first named file that is missing or of another size than the manifest says; reads no data."""
     for name, expected in sorted(files.items()):
-        path = step_dir / name
-        if not path.is_file():
+        try:
+            size = (step_dir / name).stat().st_size
+        except FileNotFoundError:
             return f"{name} is missing"
-        size = path.stat().st_size
         if size != expected["size"]:
             return f"{name} has {size} bytes, the manifest says {expected['size']}"
-        if file_checksum(path) != expected["xxh3_128"]:
+    return None
+
+
+def check_files(step_dir: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    """The first problem with the named files, or None when sizes and checksums all match."""
+    problem = check_sizes(step_dir, files)
+    if problem is not None:
+        return problem
+    for name, expected in sorted(files.items()):
+        if file_checksum(step_dir / name) != expected["xxh3_128"]:
             return f"{name} does not match its checksum"
     return None

@@ -8,11 +8,15 @@ python's (a tuple of 625 ints) are stored as int64 tensors and numbers, not as t
 
 from __future__ import annotations
 
+import pickle
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from trainer.errors import UserError
 
 FORMAT = 2  # 1: the objects as returned by random.getstate() and np.random.get_state(), pickled
 
@@ -65,3 +69,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_rng_file(path: Path, step_dir: Path) -> dict[str, Any]:
+    """A rank's RNG state, read with weights_only=True (tensors and plain data, nothing that runs).
+
+    A file written before RNG states were stored as tensors holds numpy's state as a pickled ndarray,
+    which weights_only refuses: that checkpoint can no longer be resumed in full.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"checkpoint {step_dir} predates safe loading: {path.relative_to(step_dir)} holds pickled objects, "
+            "which llm-train no longer unpickles (a checkpoint must never run code); start a new run.dir from its "
+            f"weights with checkpoint.resume={step_dir} checkpoint.load=weights_only"
+        ) from error
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= state.keys():
+        raise UserError(f"{path} is not an RNG state file of llm-train; the checkpoint is damaged")
+    return state

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint.manifest import MANIFEST, check_files, read_manifest
+from trainer.checkpoint.manifest import MANIFEST, check_files, check_sizes, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,16 @@ def belongs_to_run(manifest: dict[str, Any], run_id: str | None, config_hash: st
     return config_hash is None or manifest.get("config_hash") == config_hash
 
 
-def verify_step(step_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(manifest, None) for a complete checkpoint, else (None, what is wrong). Single process."""
+def verify_step(step_dir: Path, checksums: bool = True) -> tuple[dict[str, Any] | None, str | None]:
+    """(manifest, None) for a complete checkpoint, else (None, what is wrong). Single process.
+
+    Without `checksums` only the manifest and the files' sizes are checked (no data is read): the
+    trainer's resume then checksums the files across its ranks, a share each."""
     try:
         manifest = read_manifest(step_dir)
     except ValueError as error:
         return None, str(error)
-    problem = check_files(step_dir, manifest["files"])
+    problem = (check_files if checksums else check_sizes)(step_dir, manifest["files"])
     return (None, problem) if problem else (manifest, None)
 
 
@@ -91,20 +95,26 @@ def step_folders(root: Path) -> list[Path]:
 
 
 def newest_valid_step(
-    root: Path, run_id: str | None = None, config_hash: str | None = None
+    root: Path,
+    run_id: str | None = None,
+    config_hash: str | None = None,
+    checksums: bool = True,
+    skip: Collection[Path] = (),
 ) -> ResumePoint | None:
     """The newest step of the run in `root` (`run_id`, default the folder's own) whose manifest verifies,
     warning about each newer one that does not; steps of other runs (see `belongs_to_run`) are passed over."""
     _check_latest(root)
     run_id = run_id or read_run_id(root)
     for folder in step_folders(root):
+        if folder in skip:
+            continue
         try:
             if not belongs_to_run(read_manifest(folder), run_id, config_hash):
                 log.info("passing over %s: another run's checkpoint", folder)
                 continue
         except ValueError:
             pass  # verify_step says what is wrong
-        manifest, problem = verify_step(folder)
+        manifest, problem = verify_step(folder, checksums)
         if manifest is not None:
             return ResumePoint(folder, manifest)
         log.warning("skipping checkpoint %s: %s", folder, problem)
