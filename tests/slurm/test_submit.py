@@ -365,8 +365,10 @@ def test_one_node_and_two_nodes_give_the_same_losses(runs):
 def test_submitted_script_is_the_dry_run_script(runs):
     tracked = assert_completed(runs, "fsdp2")
     submitted = (tracked.run_dir / "submitit" / f"{tracked.job_id}_submission.sh").read_text()
+    # More steps: the run has finished, and a finished run is not submitted again.
+    more = f"train.max_steps={STEPS + 20}"
     code, out, err = cli(
-        "submit", "tiny", f"run.dir={tracked.run_dir}", f"data.path={runs.data}", *FSDP,
+        "submit", "tiny", f"run.dir={tracked.run_dir}", f"data.path={runs.data}", *FSDP, more,
         "--cluster", "local", "--nodes", "2", "--dry-run",
     )  # fmt: skip
     assert code == 0, err
@@ -522,7 +524,9 @@ def test_status_while_running_and_cancel_for_good(runs):
     assert len(cancelled) == 1 and cancelled[0]["step"] == tracked.events("preempted")[0]["step"], (
         tracked.explain()
     )
-    assert "requeue" not in tracked.job.output().lower() and not trainer_errors(tracked), tracked.explain()
+    output = tracked.job.output()
+    assert "not requeued" in output and "scontrol requeue" not in output and "requeued job" not in output
+    assert not trainer_errors(tracked), tracked.explain()
     assert (
         not (tracked.run_dir / "requeues.json").exists()
         or json.loads((tracked.run_dir / "requeues.json").read_text())["count"] == 0

@@ -49,13 +49,13 @@ def sample(
 
 
 def tidy_sample(prompt: str, text: str) -> str:
-    """A sample for the terminal: trailing spaces and runs of blank lines removed (a tiny model emits many),
-    and a note instead of nothing when the model added no text to the prompt."""
+    """A sample for the terminal: runs of blank lines made one (a tiny model emits many) and trailing blank
+    lines removed, and a note instead of nothing when the model added no text to the prompt."""
     lines, previous_blank = [], False
     for line in text.rstrip().splitlines():
         blank = not line.strip()
         if not (blank and previous_blank):
-            lines.append(line.rstrip())
+            lines.append("" if blank else line)
         previous_blank = blank
     tidy = "\n".join(lines)
     if not tidy.strip() or tidy.strip() == prompt.strip():
