@@ -248,7 +248,7 @@ def test_status_says_how_a_run_ended(tmp_path, monkeypatch, slurm, events, expec
     _slurm_says(monkeypatch, **slurm)
     status = run_status.read_status(run_dir)
     assert status.state.startswith(expected), status.state
-    assert (status.eta_s is not None) == (slurm["state"] == "PENDING")  # an ETA only for a live job
+    assert status.eta_s is None  # an ETA only while the job runs (not while it waits in the queue)
 
 
 def test_status_remembers_a_cancel_after_slurm_forgot_the_job(tmp_path, monkeypatch):

@@ -47,14 +47,15 @@ def run(args: argparse.Namespace) -> int:
 
     profile = with_overrides(load_profile(args.cluster), args.nodes, args.gpus_per_node, args.time)
     slurm_job.check_run_dir_given(args.config, args.overrides)
-    known = slurm_query.partition_exists(profile.partition)
-    if known is False:
-        listed = ", ".join(slurm_query.partitions()) or "none"
-        raise UserError(
-            f"partition '{profile.partition}' (cluster profile {profile.name}) does not exist on this cluster; "
-            f"sinfo lists: {listed}"
-        )
-    slurm_job.check_fits(profile, slurm_query.partition_size(profile.partition))
+    if not args.dry_run:  # a dry run may describe another cluster than this one
+        known = slurm_query.partition_exists(profile.partition)
+        if known is False:
+            listed = ", ".join(slurm_query.partitions()) or "none"
+            raise UserError(
+                f"partition '{profile.partition}' (cluster profile {profile.name}) does not exist on this "
+                f"cluster; sinfo lists: {listed}"
+            )
+        slurm_job.check_fits(profile, slurm_query.partition_size(profile.partition))
     sub = slurm_job.prepare(args.config, args.overrides, profile)
     layout = (
         f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) "
