@@ -23,6 +23,7 @@ from mds_fixtures import sample_ids, sample_tokens, write_dataset
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
+from trainer_runs import run_to_completion
 
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.dataset_info import _read_info, node_cache_dir
@@ -209,14 +210,7 @@ def run_ranks(world_size: int, tasks: list[dict[str, Any]], out: Path) -> list[l
         context.Process(target=_rank_main, args=(r, world_size, port, tasks, str(out)))
         for r in range(world_size)
     ]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=120)
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
-    assert [process.exitcode for process in ranks] == [0] * world_size
+    assert run_to_completion(ranks, timeout=120) == [0] * world_size
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

@@ -23,6 +23,7 @@ from mds_fixtures import sample_ids, write_dataset
 from streaming.base.constant import LOCALS, SHM_TO_CLEAN
 from streaming.base.shared import SharedMemory
 from streaming.base.world import World
+from trainer_runs import run_to_completion
 
 from trainer.config import DataConfig
 from trainer.data import shm_prefix
@@ -79,14 +80,7 @@ def run_jobs(ranks_per_job: list[int], tmp_path: Path) -> dict[tuple[int, int], 
         for job, ranks in enumerate(ranks_per_job)
         for rank in range(ranks)
     ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    assert [process.exitcode for process in processes] == [0] * len(processes)
+    assert run_to_completion(processes, timeout=240) == [0] * len(processes)
     results = {
         (job, rank): json.loads((tmp_path / f"job{job}-rank{rank}.json").read_text())
         for job, ranks in enumerate(ranks_per_job)

@@ -82,3 +82,15 @@ def since_last_start(records: list[dict]) -> list[dict]:
 
 def resume_step(records: list[dict]) -> int:
     return next(r["step"] for r in records if r.get("event") == "resume")
+
+
+def run_to_completion(processes: list, timeout: float) -> list[int | None]:
+    """Start every process, wait for each up to `timeout` s, kill the ones still alive; their exit codes."""
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=timeout)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    return [process.exitcode for process in processes]
