@@ -42,7 +42,11 @@ def _free_port() -> int:
 
 
 def _job_rank(job: int, rank: int, ranks: int, port: int, dataset: str, barrier: Any, out: str) -> None:
-    """One rank of job `job`: build a loader at the barrier's release, read one batch, ROUNDS times."""
+    """One rank of job `job`: build a loader at the barrier's release, read one batch, ROUNDS times.
+
+    Each round ends at a second barrier while every job still holds its loader: the groups compared
+    are those alive at one instant (a job that exits frees its number, and a later start may rightly take it).
+    """
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(ranks),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLURM_JOB_ID=str(7000 + job),
@@ -57,6 +61,7 @@ def _job_rank(job: int, rank: int, ranks: int, port: int, dataset: str, barrier:
             result["prefixes"].append(int(loader._dataset._shm_prefix_int))
             batches = iter(loader)
             result["ids"].append(sample_ids(next(batches)["input_ids"]))
+            barrier.wait(timeout=120)  # every job's group is alive here: a number freed earlier may be reused
             batches.close()
     except BaseException:
         result["error"] = traceback.format_exc()
