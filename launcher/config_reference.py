@@ -74,8 +74,13 @@ def _rows(cls: type, prefix: str, docs: dict[str, dict[str, str]]) -> list[str]:
 def render() -> str:
     """The markdown of docs/config.md: an introduction, then one table per section of `Config`."""
     docs = field_docs(inspect.getsource(config_module))
-    shapes = ", ".join(
-        f"`{name}` {shape['n_layer']}x{shape['n_embd']}" for name, shape in config_module.MODEL_SHAPES.items()
+    shapes = "; ".join(
+        f"{family.name}: "
+        + ", ".join(
+            f"`{name}` {shape['n_layer']}x{shape['n_embd']}" for name, shape in family.presets.items()
+        )
+        for family in config_module.FAMILIES.values()
+        if family.presets
     )
     presets = ", ".join(f"`{path.stem}`" for path in sorted(config_module.CONFIGS_DIR.glob("*.yaml")))
     lines = [
@@ -88,7 +93,7 @@ def render() -> str:
         "the wrong type are user errors: the command exits 2 with one line naming the key.",
         "",
         f"Presets in `configs/` (pass the name instead of a path): {presets}.",
-        f"Model shapes of `model.size` (layers x width): {shapes}.",
+        f"Model shapes of `model.size` per `model.arch` (layers x width): {shapes}.",
         "The batch arithmetic and the presets are explained in [training.md](training.md).",
     ]
     for section in dataclasses.fields(config_module.Config):

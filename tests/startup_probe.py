@@ -4,7 +4,7 @@ Started as `llm-train train` starts its ranks (torchrun's RANK, WORLD_SIZE, MAST
 builds the model as `run_training` does (`model_source`, `model_facts` of the meta model, `build_backend`),
 once per backend named in --backends, one after the other in the same process group, and writes
 OUT_DIR/BACKEND-rankN.json: the growth of the process's peak resident memory over the construction, the
-files it opened meanwhile (and those of `model_source` alone: reading the weights), and what the backend ended with (training mode, tied embeddings). With
+files it opened meanwhile (and those of `model_source` alone: reading the weights), and what the backend ended with (training mode, embeddings tied as configured). With
 --weights, rank 0 also writes the initial state, gathered from the shards, and the non-persistent
 buffers to OUT_DIR/BACKEND-weights.pt.
 
@@ -115,7 +115,7 @@ def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights:
     source = model_source(recipe, env)
     opened_by_source = list(opened.paths)
     meta = source.meta()
-    facts = model_facts(meta, seq_len)
+    facts = model_facts(meta, seq_len, config.model.arch)
     backend = build_backend(config, source, plan, env)
     del source
     opened.recording = False
@@ -131,7 +131,8 @@ def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights:
         "fp32_model_bytes": 4 * sum(param.numel() for param in meta.parameters()),
         "n_params": facts.n_params,
         "training": module.training,
-        "tied": module.lm_head.weight is module.transformer.wte.weight,
+        "tied": (module.get_output_embeddings().weight is module.get_input_embeddings().weight)
+        == module.config.tie_word_embeddings,
         "opened": opened.paths,
         "opened_by_source": opened_by_source,
     }

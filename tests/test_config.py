@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launcher.cli import main as cli_main
-from trainer.config import CONFIGS_DIR, MODEL_SHAPES, batch_plan, load_config, model_shape, to_yaml
+from trainer.config import CONFIGS_DIR, FAMILIES, batch_plan, load_config, model_shape, to_yaml
 from trainer.errors import UserError
 from trainer.models.build import build_model
 
@@ -14,13 +14,14 @@ GPT2_PARAMS = {"gpt2-124m": 124.4e6, "gpt2-350m": 354.8e6, "gpt2-774m": 774.0e6,
 
 
 def test_every_model_size_has_a_preset():
-    assert set(MODEL_SHAPES) <= set(PRESETS)
+    sizes = {size for family in FAMILIES.values() for size in family.presets}
+    assert sizes and sizes <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_shipped_preset_loads(preset):
     config = load_config(preset)
-    assert config.model.size in MODEL_SHAPES
+    assert config.model.size in FAMILIES[config.model.arch].presets
     assert config.run.dir and config.data.path
 
 

@@ -171,14 +171,18 @@ def test_cluster_layout_decides_the_batch_check(capsys, tmp_path, demo_dataset):
 
 
 def test_parameter_count_is_the_real_models(tmp_path, demo_dataset):
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from launcher.doctor.run import count_params, dataset_info
-    from trainer.models.gpt2 import gpt2_config
+    from trainer import config as config_module
 
     config = config_for(demo_dataset.path, tmp_path)
     info = dataset_info(config)
-    real = GPT2LMHeadModel(gpt2_config(config.model, info.vocab_size, info.seq_len))
+    shape = config_module.model_shape(config.model)
+    real = GPT2LMHeadModel(
+        GPT2Config(vocab_size=info.vocab_size, n_positions=info.seq_len, n_layer=shape["n_layer"],
+                   n_head=shape["n_head"], n_embd=shape["n_embd"])
+    )  # fmt: skip
     assert count_params(config, info) == (sum(p.numel() for p in real.parameters()), "")
     count, note = count_params(config, None)
     assert "assumed" in note and count > real.num_parameters()

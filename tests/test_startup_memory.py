@@ -2,7 +2,7 @@
 
 Most tests start real ranks of tests/startup_probe.py (torchrun's variables, gloo), which build the model
 exactly as a training run does and report their memory, the files they opened and the initial weights;
-one runs `llm-train train` itself, and the last two check the meta-device build's buffers in this process.
+one runs `llm-train train` itself, and the last checks the meta-device build's buffers in this process.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import torch
 from launcher.cli import main as cli_main
 from launcher.local import free_port
 from trainer.checkpoint import newest_valid_step
-from trainer.config import ModelConfig, load_config
-from trainer.models.build import build_model, empty_model
-from trainer.models.gpt2 import init_non_persistent_buffers
+from trainer.config import load_config
+from trainer.models.build import ModelRecipe, build_model, empty_model
 from trainer.models.load import full_state_dict
+from trainer.parallel.model_source import ModelSource, non_persistent_buffers
 
 PROBE = Path(__file__).resolve().parent / "startup_probe.py"
 BACKENDS = ("fsdp", "deepspeed")
@@ -172,25 +172,23 @@ def test_an_init_from_that_cannot_be_loaded_stops_every_rank_with_one_user_error
     assert f"model.init_from='{missing}' cannot be loaded" in rank1
 
 
-def test_non_persistent_buffers_are_rebuilt_after_to_empty(reference_model):
-    """`to_empty` leaves GPT-2's causal masks as whatever memory it got; they are rebuilt as __init__ does."""
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_non_persistent_buffers_come_from_the_full_model_after_to_empty(arch):
+    """`to_empty` leaves the buffers no state dict carries (GPT-2's causal masks, Llama's rotary frequencies)
+    as whatever memory it got; they are copied from the full model, whichever family computes them."""
+    cfg = load_config("tiny", ["run.dir=unused", "data.path=unused", f"model.arch={arch}", "model.size=" +
+                      ("tiny" if arch == "gpt2" else "llama-tiny")]).model  # fmt: skip
+    recipe = ModelRecipe(cfg, 257, 32, "eager", seed=1)
+    full = recipe.full()
+    expected = {name: buffer.clone() for name, buffer in non_persistent_buffers(full)}
+    assert expected, f"{arch} has non-persistent buffers"
     with torch.device("meta"):
-        model = empty_model(reference_model.config, ModelConfig(size="tiny"), "eager")
+        model = empty_model(full.config, cfg, "eager")
     model.to_empty(device="cpu")
     for buffer in model.buffers():
         buffer.fill_(True if buffer.dtype == torch.bool else 7.0)  # not what __init__ makes
-    init_non_persistent_buffers(model)
-    expected = dict(reference_model.named_buffers())
-    got = dict(model.named_buffers())
-    assert got.keys() == expected.keys() and expected
+    ModelSource(recipe, full.config, full).share_buffers(model)
+    got = dict(non_persistent_buffers(model))
+    assert got.keys() == expected.keys()
     for name, buffer in expected.items():
         assert torch.equal(got[name], buffer), name
-
-
-def test_an_unknown_non_persistent_buffer_is_an_error_not_garbage(reference_model):
-    with torch.device("meta"):
-        model = empty_model(reference_model.config, ModelConfig(size="tiny"), "sdpa")
-    model.transformer.ln_f.register_buffer("scale", torch.ones(1), persistent=False)
-    model.to_empty(device="cpu")
-    with pytest.raises(RuntimeError, match=r"transformer\.ln_f \(LayerNorm\) has buffers \['scale'\]"):
-        init_non_persistent_buffers(model)

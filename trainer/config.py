@@ -15,16 +15,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from trainer.errors import UserError
+from trainer.models.families import FAMILIES
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-MODEL_SHAPES: dict[str, dict[str, int]] = {
-    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
-    "gpt2-124m": {"n_layer": 12, "n_head": 12, "n_embd": 768},
-    "gpt2-350m": {"n_layer": 24, "n_head": 16, "n_embd": 1024},
-    "gpt2-774m": {"n_layer": 36, "n_head": 20, "n_embd": 1280},
-    "gpt2-1.5b": {"n_layer": 48, "n_head": 25, "n_embd": 1600},
-}
 BACKENDS = ("fsdp", "deepspeed")
 ATTENTION = ("auto", "flash_attention_2", "sdpa", "eager")
 PRECISIONS = ("bf16", "fp32", "fp16")
@@ -100,26 +94,51 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"
-    """Preset shape: tiny | gpt2-124m | gpt2-350m | gpt2-774m | gpt2-1.5b."""
+    arch: str = "gpt2"
+    """Model family: gpt2 | llama (RoPE, RMSNorm, SwiGLU, grouped-query attention) | hf (any decoder-only
+    transformers causal LM, its architecture from model.hf_config or model.init_from)."""
+    size: str | None = None
+    """Preset shape of the family. gpt2: tiny | gpt2-124m | gpt2-350m | gpt2-774m | gpt2-1.5b; llama:
+    llama-tiny | llama-150m | llama-1b | llama-3b; hf: none. None: the family's first (tiny, llama-tiny)."""
     n_layer: int | None = None
     """Overrides the preset's number of transformer blocks."""
     n_head: int | None = None
     """Overrides the preset's number of attention heads."""
     n_embd: int | None = None
     """Overrides the preset's hidden width."""
+    n_kv_head: int | None = None
+    """Overrides the preset's key/value heads (grouped-query attention; llama and hf)."""
+    intermediate_size: int | None = None
+    """Overrides the preset's MLP width (llama and hf)."""
+    rope_theta: float | None = None
+    """Overrides the preset's RoPE base (llama and hf)."""
+    tie_embeddings: bool | None = None
+    """Overrides whether the output layer shares the input embedding's weights (gpt2: always by default)."""
+    hf_config: str | None = None
+    """arch=hf: a folder with a config.json (or a model name in the local Hugging Face cache) whose
+    architecture is trained from scratch, with the data's vocabulary. Not needed with model.init_from."""
+    trust_remote_code: bool = False
+    """Let a model folder's own Python code run (models that transformers does not ship); off by default."""
     vocab_size: int | None = None
     """Vocabulary size; None takes it from the dataset's prepare.json."""
     seq_len: int | None = None
-    """Context length (n_positions); None takes it from the dataset's prepare.json."""
+    """Context length (positions); None takes it from the dataset's prepare.json."""
     init_from: str | None = None
-    """An exported HF folder or HF model name to start from (fine-tuning)."""
+    """Weights to start from (fine-tuning): an exported HF folder, a run or checkpoint folder, or an HF model
+    name in the local cache; its architecture must be model.arch's (any with arch=hf)."""
     attn: str = "auto"
     """auto | flash_attention_2 | sdpa | eager. auto: flash-attn on CUDA >= 8.0, else SDPA, else eager."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward to save memory."""
     dropout: float = 0.0
-    """Dropout on embeddings, attention and residuals."""
+    """Dropout on embeddings, attention and residuals (those of them the architecture has)."""
+
+    @property
+    def family_name(self) -> str:
+        """The family and size for logs: `gpt2 tiny`, `llama llama-1b`, `hf qwen2-folder`."""
+        family = FAMILIES[self.arch]
+        label = self.size or family.default_size or self.hf_config or self.init_from
+        return f"{self.arch} {label}"
 
 
 @dataclass
@@ -370,7 +389,7 @@ def validate(config: Config) -> None:
     """Report every problem at once, in one line, each naming its key."""
     problems = _range_problems(config) + config.data.problems()
     choices = [
-        ("model.size", config.model.size, tuple(MODEL_SHAPES)),
+        ("model.arch", config.model.arch, tuple(FAMILIES)),
         ("model.attn", config.model.attn, ATTENTION),
         ("parallel.backend", config.parallel.backend, BACKENDS),
         ("train.precision", config.train.precision, PRECISIONS),
@@ -393,21 +412,17 @@ def validate(config: Config) -> None:
         problems.append(f"train.skip_batches={config.train.skip_batches} holds a negative batch index")
     if config.train.min_lr > config.train.lr:
         problems.append(f"train.min_lr={config.train.min_lr} exceeds train.lr={config.train.lr}")
-    shape = model_shape(config.model) if config.model.size in MODEL_SHAPES else None
-    if shape and shape["n_embd"] % shape["n_head"]:
-        problems.append(f"model.n_embd={shape['n_embd']} is not divisible by model.n_head={shape['n_head']}")
+    if config.model.arch in FAMILIES:
+        problems += FAMILIES[config.model.arch].problems(config.model)
+    if config.model.arch == "hf" and not (config.model.hf_config or config.model.init_from):
+        problems.append("model.arch=hf needs model.hf_config (a config folder) or model.init_from (weights)")
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
 
-def model_shape(model: ModelConfig) -> dict[str, int]:
-    """The preset's shape with any explicit n_layer/n_head/n_embd applied."""
-    shape = dict(MODEL_SHAPES[model.size])
-    for key in ("n_layer", "n_head", "n_embd"):
-        value = getattr(model, key)
-        if value is not None:
-            shape[key] = value
-    return shape
+def model_shape(model: ModelConfig) -> dict[str, Any]:
+    """The family preset's shape with any explicit shape keys (n_layer, n_head, ...) applied."""
+    return FAMILIES[model.arch].shape(model)
 
 
 def to_yaml(config: Config) -> str:

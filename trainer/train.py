@@ -77,8 +77,12 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     attn = choose_attention(config.model.attn, env.device, config.train.precision)
     recipe = ModelRecipe(config.model, vocab_size, seq_len, attn, config.run.seed, init_from=weights_from)
     source = model_source(recipe, env)  # the full model on rank 0 only; the others build empty shards
-    facts = model_facts(source.meta(), info.seq_len)
-    log.info("model: %.2fM parameters, %s", facts.n_params / 1e6, config.model.size)
+    facts = model_facts(source.meta(), info.seq_len, config.model.arch)
+    checkpoints.model_config = source.hf_config.to_json_string()
+    log.info(
+        "model: %s, %.2fM parameters, %.3g GFLOPs per token",
+        config.model.family_name, facts.n_params / 1e6, facts.flops_per_token() / 1e9,
+    )  # fmt: skip
     backend = build_backend(config, source, plan, env)
     del source
     loader_args = {"global_batch_size": plan.global_batch_size, "info": info}
@@ -108,6 +112,8 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
             world_size=env.world_size,
             backend=backend.name,
             grad_accum=plan.grad_accum,
+            arch=facts.arch,
+            params=facts.n_params,
             **origin,
         )
         if resume_point is not None:

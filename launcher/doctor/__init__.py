@@ -97,6 +97,6 @@ def _load(config_path: str | None, overrides: list[str] | tuple[str, ...]) -> tu
     return Check(
         "config",
         "ok",
-        f"{where} loads: model.size={config.model.size}, "
+        f"{where} loads: model {config.model.family_name}, "
         f"parallel.backend={config.parallel.backend}, train.precision={config.train.precision}",
     ), config

@@ -100,17 +100,16 @@ def count_params(config: Config, info: DatasetInfo | None) -> tuple[int, str]:
     """The model's parameter count, from the real model built on the meta device (no memory, no init), with a
     note when the vocabulary or context length had to be assumed because the data could not be read."""
     import torch
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    from trainer.models.gpt2 import gpt2_config
+    from trainer.models.build import model_config
 
     vocab = config.model.vocab_size or (info.vocab_size if info else None)
     seq_len = config.model.seq_len or (info.seq_len if info else None)
     assumed = "" if vocab and seq_len else f" (vocab {DEFAULT_VOCAB_SIZE} assumed: the data did not load)"
     with torch.device("meta"):
-        model = GPT2LMHeadModel(
-            gpt2_config(config.model, vocab or DEFAULT_VOCAB_SIZE, seq_len or DEFAULT_SEQ_LEN)
-        )
+        hf_config = model_config(config.model, vocab or DEFAULT_VOCAB_SIZE, seq_len or DEFAULT_SEQ_LEN)
+        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
     return sum(p.numel() for p in model.parameters()), assumed
 
 

@@ -38,6 +38,7 @@ def model_facts(config: Config) -> dict[str, Any]:
     """What a checkpoint's tensors depend on, as config keys."""
     model = config.model
     return {
+        "model.arch": model.arch,
         **{f"model.{key}": value for key, value in model_shape(model).items()},
         "model.vocab_size": model.vocab_size,
         "model.seq_len": model.seq_len,

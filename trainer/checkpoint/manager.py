@@ -5,6 +5,7 @@
         rng/rank00000.pt         per-rank RNG states
         train_state.json         step, tokens, data-loader position, world size
         config.yaml              the resolved config
+        model_config.json        the model's architecture (its transformers config), read by export and init_from
         manifest.json            written last, by rank 0, once every rank's files are durable
     RUN_DIR/checkpoints/latest   the newest complete step, replaced atomically
     RUN_DIR/checkpoints/run_id   which run writes here (each manifest names its run too)
@@ -67,9 +68,14 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+MODEL_CONFIG = "model_config.json"
+
+
 class CheckpointManager:
     def __init__(self, config: Config, env: DistEnv) -> None:
         self.config = config
+        self.model_config: str | None = None
+        """The model's `transformers` config as JSON (set once the model is known), saved in every step."""
         self.env = env
         self.root = Path(config.run.dir) / "checkpoints"
         self._pending: threading.Thread | None = None
@@ -187,6 +193,9 @@ class CheckpointManager:
                 atomic_write_text(step_dir / "train_state.json", json.dumps(state, indent=1))
                 atomic_write_text(step_dir / "config.yaml", to_yaml(self.config))
                 written += ["train_state.json", "config.yaml"]
+                if self.model_config is not None:
+                    atomic_write_text(step_dir / MODEL_CONFIG, self.model_config)
+                    written.append(MODEL_CONFIG)
         except (Exception, CheckpointException) as error:  # torch.save reports a full disk as RuntimeError
             failure = error
         self._agree(step, step_dir, failure)

@@ -1,4 +1,4 @@
-"""Building the model a run trains; knows nothing about parallelism (see trainer/parallel/)."""
+"""Building the model a run trains, of any family; knows nothing about parallelism (see trainer/parallel/)."""
 
 from __future__ import annotations
 
@@ -6,35 +6,53 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HFValidationError
-from transformers import GPT2Config, GPT2LMHeadModel
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, model_shape
 from trainer.errors import UserError
-from trainer.models.gpt2 import gpt2_config, load_pretrained, set_causal_lm_loss
+from trainer.models.families import FAMILIES, set_dropout
+from trainer.models.families.hf import load_hf_config
 from trainer.models.load import is_hf_folder, model_from_checkpoint, resolve_step_dir
+from trainer.models.pretrained import context_length, load_pretrained, set_causal_lm_loss
+
+
+INIT_FROM_SOURCES = "an exported HF folder, a run folder, a checkpoint folder, or a model name in the local Hugging Face cache"
 
 
 @dataclass(frozen=True)
 class ModelFacts:
     """What the MFU and logging code need to know about the model."""
 
+    arch: str
     n_params: int
+    matmul_params: int
+    """Weights that take part in a matrix product per token: every 2-D weight but the embeddings' lookups,
+    plus the output layer's (the input embedding's own when tied). SwiGLU's three matrices, GQA's smaller
+    K/V projections and an untied head count as what they are."""
     n_layer: int
-    n_embd: int
+    attention_width: int
+    """Heads x head size of the queries: the width of the attention scores' products."""
     seq_len: int
     vocab_size: int
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus the attention term 12 * L * d * T (PaLM appendix B)."""
-        return 6 * self.n_params + 12 * self.n_layer * self.n_embd * self.seq_len
+        """Training FLOPs per token: 6 per matmul weight, plus attention's 12 * L * width * T (PaLM, app. B)."""
+        return 6 * self.matmul_params + 12 * self.n_layer * self.attention_width * self.seq_len
+
+
+def model_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Any:
+    """The `transformers` config of a model of the run's family and shape, trained from scratch."""
+    return FAMILIES[cfg.arch].make_config(cfg, model_shape(cfg), vocab_size, seq_len)
 
 
 def build_model(
     cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed: int, init_from: str | None = None
-) -> GPT2LMHeadModel:
+) -> PreTrainedModel:
     """A full fp32 model on the CPU: initialised from `seed`, or the weights of `init_from` (default
     model.init_from): an exported HF folder, a run folder (its newest complete checkpoint), a checkpoint step
     folder, or a Hugging Face model name. A training run builds it on rank 0 alone (`ModelRecipe.full`) and
@@ -43,28 +61,34 @@ def build_model(
     source = init_from or cfg.init_from
     if source:
         model = _pretrained(source, cfg, attn)
-        if model.config.n_positions < seq_len or model.config.vocab_size < vocab_size:
+        positions = context_length(model.config)
+        if positions < seq_len or model.config.vocab_size < vocab_size:
             raise UserError(
-                f"model.init_from='{source}' has n_positions={model.config.n_positions} and vocab_size="
+                f"model.init_from='{source}' has {positions} positions and vocab_size="
                 f"{model.config.vocab_size}, the data needs {seq_len} and {vocab_size}; prepare the data with "
                 "that model's tokenizer (llm-train prepare --tokenizer FOLDER) and a seq-len it covers"
             )
     else:
-        model = GPT2LMHeadModel._from_config(gpt2_config(cfg, vocab_size, seq_len), attn_implementation=attn)
+        config = model_config(cfg, vocab_size, seq_len)
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
     return _training_ready(model, cfg)
 
 
-def empty_model(hf_config: GPT2Config, cfg: ModelConfig, attn: str) -> GPT2LMHeadModel:
+def empty_model(hf_config: Any, cfg: ModelConfig, attn: str) -> PreTrainedModel:
     """The modules of a model of shape `hf_config` (the full model's `config`), with the run's settings but
     meaningless weights: built under the caller's device context (`torch.device("meta")`, DeepSpeed's
     `zero.Init`), for a backend to shard and then fill with the full model's weights from rank 0. The config
     is copied: on rank 0 it is the full model's own, which the build must not change."""
     config = copy.deepcopy(hf_config)
-    model = GPT2LMHeadModel._from_config(config, attn_implementation=attn, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
     return _training_ready(model, cfg)
 
 
-def _training_ready(model: GPT2LMHeadModel, cfg: ModelConfig) -> GPT2LMHeadModel:
+def _training_ready(model: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel:
     """The settings a training run needs whichever way the model was made; the same for the full model and
     the empty one that the backends shard, so that the two agree. Train mode too: `from_pretrained` and
     `model_from_checkpoint` hand back eval mode (the training loop sets the mode itself all the same)."""
@@ -73,8 +97,32 @@ def _training_ready(model: GPT2LMHeadModel, cfg: ModelConfig) -> GPT2LMHeadModel
     set_causal_lm_loss(model)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
+    check_tied(model)
     return model
+
+
+def check_tied(model: nn.Module) -> None:
+    """Tied input and output embeddings are one tensor (sharding and loading must not split them)."""
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == bool(model.config.tie_word_embeddings), (
+        f"tie_word_embeddings={model.config.tie_word_embeddings} but the output layer is "
+        f"{'' if tied else 'not '}the input embedding"
+    )
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks, found by what they are, not by the family's attribute names.
+
+    The blocks are the classes transformers keeps whole when it splits a model (`_no_split_modules`); a model
+    that names none has its blocks in its largest `ModuleList`.
+    """
+    unsplit = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList) and len(module)]
+    blocks = [layers for layers in lists if all(type(layer).__name__ in unsplit for layer in layers)]
+    candidates = blocks or lists
+    if not candidates:
+        raise RuntimeError(f"{type(model).__name__} has no list of decoder layers to shard")
+    return max(candidates, key=lambda layers: sum(p.numel() for p in layers.parameters()))
 
 
 @dataclass(frozen=True)
@@ -93,37 +141,68 @@ class ModelRecipe:
     seed: int
     init_from: str | None = None
 
-    def full(self) -> GPT2LMHeadModel:
+    def full(self) -> PreTrainedModel:
         return build_model(self.cfg, self.vocab_size, self.seq_len, self.attn, self.seed, self.init_from)
 
-    def empty(self, hf_config: GPT2Config) -> GPT2LMHeadModel:
+    def empty(self, hf_config: Any) -> PreTrainedModel:
         return empty_model(hf_config, self.cfg, self.attn)
 
 
-def _pretrained(source: str, cfg: ModelConfig, attn: str) -> GPT2LMHeadModel:
+def _pretrained(source: str, cfg: ModelConfig, attn: str) -> PreTrainedModel:
     path = Path(source).expanduser()
     if path.exists() and not is_hf_folder(path):
-        return model_from_checkpoint(resolve_step_dir(path), attn, cfg.dropout).model
-    dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
-    try:
-        return load_pretrained(source, attn_implementation=attn, **dropout)
-    except (OSError, HFValidationError) as error:  # not found; a missing path is no valid model name either
+        model = model_from_checkpoint(resolve_step_dir(path), attn, cfg.dropout).model
+    else:
+        config = load_hf_config(
+            str(path) if path.exists() else source, cfg.trust_remote_code, "model.init_from"
+        )
+        set_dropout(config, cfg.dropout)
+        try:
+            model = load_pretrained(
+                source, config=config, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code
+            )
+        except (OSError, HFValidationError) as error:  # no weights; a missing path is no model name either
+            raise UserError(
+                f"model.init_from='{source}' cannot be loaded ({str(error).splitlines()[0]}); give {INIT_FROM_SOURCES}"
+            ) from error
+    check_family(model.config, cfg.arch, source)
+    return model
+
+
+def check_family(config: Any, arch: str, source: str) -> None:
+    """init_from's architecture must be model.arch's: a run's settings say what it trains."""
+    accepted = FAMILIES[arch].model_types
+    if accepted and config.model_type not in accepted:
         raise UserError(
-            f"model.init_from='{source}' cannot be loaded ({str(error).splitlines()[0]}); give an exported HF "
-            "folder, a run folder, a checkpoint folder, or a model name in the local Hugging Face cache"
-        ) from error
+            f"model.init_from='{source}' is a '{config.model_type}' model but model.arch={arch}; set "
+            f"model.arch={config.model_type if config.model_type in FAMILIES else 'hf'}"
+        )
 
 
-def model_facts(model: GPT2LMHeadModel, seq_len: int) -> ModelFacts:
-    # Tied embeddings are counted once; position embeddings do no matmul work.
-    n_params = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+def model_facts(model: nn.Module, seq_len: int, arch: str) -> ModelFacts:
+    """Counted on the model itself (the meta model costs no memory), so any family's numbers are its own."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params = {id(p): p for p in model.parameters()}
+    matmul = sum(p.numel() for key, p in params.items() if p.dim() == 2 and key not in embeddings)
+    output = model.get_output_embeddings().weight
+    if id(output) in embeddings:  # tied: the input embedding's weights also do the output product
+        matmul += output.numel()
     cfg = model.config
-    return ModelFacts(n_params, cfg.n_layer, cfg.n_embd, seq_len, cfg.vocab_size)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return ModelFacts(
+        arch=arch,
+        n_params=sum(p.numel() for p in params.values()),
+        matmul_params=matmul,
+        n_layer=len(decoder_layers(model)),
+        attention_width=cfg.num_attention_heads * head_dim,
+        seq_len=seq_len,
+        vocab_size=cfg.vocab_size,
+    )
 
 
-def compile_blocks(model: GPT2LMHeadModel) -> None:
+def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place (torchtitan's per-block compile)."""
-    for block in model.transformer.h:
+    for block in decoder_layers(model):
         block.compile()
 
 

@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from trainer.errors import UserError
+from trainer.models.pretrained import context_length
 
 
 def check_sampling(max_new_tokens: int, temperature: float) -> None:
@@ -27,10 +28,10 @@ def sample(
     """The prompt and its continuation; greedy at temperature 0, else the same text for the same seed."""
     check_sampling(max_new_tokens, temperature)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    room = model.config.n_positions - input_ids.shape[1]
+    room = context_length(model.config) - input_ids.shape[1]
     if room < 1:
         raise UserError(
-            f"--prompt is {input_ids.shape[1]} tokens, the model's context is {model.config.n_positions}"
+            f"--prompt is {input_ids.shape[1]} tokens, the model's context is {context_length(model.config)}"
         )
     torch.manual_seed(seed)
     sampling = (

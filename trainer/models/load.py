@@ -5,22 +5,30 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from trainer.checkpoint import newest_valid_step, verify_step
+from trainer.checkpoint import MODEL_CONFIG, newest_valid_step, verify_step
 from trainer.checkpoint.dcp_read import load_model_state
-from trainer.config import Config, load_config
+from trainer.config import Config, ModelConfig, load_config, model_shape
 from trainer.errors import UserError
-from trainer.models.gpt2 import gpt2_config, load_pretrained, set_causal_lm_loss
+from trainer.models.families import FAMILIES, set_dropout
+from trainer.models.pretrained import load_pretrained, set_causal_lm_loss
 
 TRAINING_INFO = "llm_training.json"
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    model: GPT2LMHeadModel
+    model: PreTrainedModel
     tokenizer_dir: Path | None
     step: int | None
     data_path: str | None
@@ -69,19 +77,22 @@ def full_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | None = None) -> LoadedModel:
-    """The checkpoint's model (in eval mode), with its run's shape; `dropout` replaces the run's setting."""
+    """The checkpoint's model (in eval mode), of its saved architecture; `dropout` replaces the run's setting."""
     config: Config = load_config(step_dir / "config.yaml")
     state = full_state_dict(step_dir)
-    vocab_size, n_embd = state["transformer.wte.weight"].shape
-    seq_len = state["transformer.wpe.weight"].shape[0]
     model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
-    model = GPT2LMHeadModel._from_config(
-        gpt2_config(model_config, vocab_size, seq_len), attn_implementation=attn
+    hf_config = _saved_architecture(step_dir, model_config, state)
+    set_dropout(hf_config, model_config.dropout)
+    model = AutoModelForCausalLM.from_config(
+        hf_config, attn_implementation=attn, trust_remote_code=model_config.trust_remote_code
     )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(
+        model.named_parameters()
+    ).keys()
+    if unexpected or set(missing) - tied:
         raise RuntimeError(
-            f"checkpoint {step_dir} does not fit GPT-2: missing {missing}, unexpected {unexpected}"
+            f"checkpoint {step_dir} does not fit its model_config.json: missing {missing}, unexpected {unexpected}"
         )
     model.tie_weights()
     set_causal_lm_loss(model)
@@ -90,6 +101,18 @@ def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | N
     return LoadedModel(
         model.eval(), tokenizer_dir if tokenizer_dir.is_dir() else None, step, config.data.path
     )
+
+
+def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Any:
+    """The checkpoint's `transformers` config; a checkpoint written before model_config.json existed is a
+    GPT-2 of the run's shape, its vocabulary and context read from the embeddings."""
+    saved = step_dir / MODEL_CONFIG
+    if saved.is_file():
+        values = json.loads(saved.read_text())
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    vocab_size, _ = state["transformer.wte.weight"].shape
+    seq_len = state["transformer.wpe.weight"].shape[0]
+    return FAMILIES["gpt2"].make_config(model_config, model_shape(model_config), vocab_size, seq_len)
 
 
 def load_any(path: str | Path) -> LoadedModel:

@@ -22,7 +22,7 @@ from torch import nn
 from trainer.atomic import atomic_write_text, fsync_path
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
-from trainer.models.build import compile_blocks
+from trainer.models.build import check_tied, compile_blocks
 from trainer.optim import build_scheduler, param_groups
 from trainer.parallel.model_source import ModelSource
 
@@ -256,7 +256,7 @@ def _partitioned_model(source: ModelSource, ds_config: dict[str, Any]) -> nn.Mod
 
     zero.Init builds each module in full, broadcasts its parameters from rank 0 and partitions them before
     the next module; transformers' weight init then runs on emptied partitions and changes nothing, so the
-    values left are the modules' constructor defaults, not GPT-2's init. Rank 0's full model (the seeded
+    values left are the modules' constructor defaults, not the family's init. Rank 0's full model (the seeded
     init or init_from's weights) replaces them one parameter at a time: GatheredParameters with
     modifier_rank=0 gathers it, broadcasts rank 0's copy and partitions it again. The weights are then
     those FSDP starts from, bit for bit.
@@ -283,7 +283,7 @@ def _partitioned_model(source: ModelSource, ds_config: dict[str, Any]) -> nn.Mod
             if is_source:
                 param.data.copy_(full[name])
     del full
-    assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
+    check_tied(model)
     return model
 
 

@@ -24,8 +24,7 @@ from torch.distributed.tensor import DTensor
 from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
-from trainer.models.build import compile_blocks
-from trainer.models.gpt2 import init_non_persistent_buffers
+from trainer.models.build import check_tied, compile_blocks, decoder_layers
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.model_source import ModelSource
 
@@ -38,7 +37,7 @@ def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: b
         policy = MixedPrecisionPolicy()
     if compile_model:
         compile_blocks(model)
-    blocks = list(model.transformer.h)
+    blocks = list(decoder_layers(model))
     for index, block in enumerate(blocks):
         # Resharding after forward frees a block's gathered weights until its backward gathers them
         # again. The last block's backward comes right away; in a world of one the gathered weights
@@ -46,7 +45,7 @@ def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: b
         # (kept, they cost one compute-dtype copy of the weights: about 3 GB in bf16 for gpt2-1.5b).
         reshard = env.world_size > 1 and index < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    # The root unit holds the tied wte/lm_head weight, so the tie survives sharding.
+    # The root unit holds the embeddings and the output layer, so tied ones stay one tensor.
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model  # type: ignore[return-value]
 
@@ -58,11 +57,10 @@ def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -
     slice, so no rank but 0 ever holds more than its shards and one parameter in full.
     """
     module.to_empty(device=device)
-    init_non_persistent_buffers(module)
+    source.share_buffers(module)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(module, source.take_full_state(), options=options)
-    model: Any = module
-    assert model.lm_head.weight is model.transformer.wte.weight, "input and output embeddings must stay tied"
+    check_tied(module)
 
 
 class FSDPBackend:

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
@@ -22,27 +23,56 @@ class ModelSource:
     are rank 0's whatever the world size or backend.
     """
 
-    def __init__(self, recipe: ModelRecipe, hf_config: GPT2Config, full: GPT2LMHeadModel | None) -> None:
+    def __init__(
+        self, recipe: ModelRecipe, hf_config: PretrainedConfig, full: PreTrainedModel | None
+    ) -> None:
         self.recipe = recipe
         self.hf_config = hf_config
         self._full = full
 
-    def empty(self) -> GPT2LMHeadModel:
+    def empty(self) -> PreTrainedModel:
         """The model's modules with meaningless weights, under the caller's device context; touches no RNG,
         so every rank's random streams stay where the full build left rank 0's."""
         with torch.random.fork_rng(devices=_cuda_devices()):
             return self.recipe.empty(self.hf_config)
 
-    def meta(self) -> GPT2LMHeadModel:
+    def meta(self) -> PreTrainedModel:
         """The model on the meta device: its shape and parameter count, no memory."""
         with torch.device("meta"):
             return self.empty()
+
+    @torch.no_grad()
+    def share_buffers(self, module: nn.Module) -> None:
+        """Give `module` (the model built empty, on its device) the full model's non-persistent buffers.
+
+        No state dict carries them (GPT-2's causal masks, rotary frequencies), and a model built on the
+        meta device has only uninitialised memory for them: rank 0 copies its full model's and every
+        rank receives them from rank 0, whatever the family computes in its constructors.
+        """
+        buffers = dict(non_persistent_buffers(module))
+        if self._full is not None:
+            theirs = dict(self._full.named_buffers(remove_duplicate=False))
+            for name, buffer in buffers.items():
+                buffer.copy_(theirs[name])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for buffer in buffers.values():
+                dist.broadcast(buffer, src=0)
 
     def take_full_state(self) -> dict[str, torch.Tensor]:
         """Rank 0: the full model's state dict, handed over once (the source lets go of the model, so its
         memory goes when the caller drops the dict); the other ranks: {}."""
         full, self._full = self._full, None
         return full.state_dict() if full is not None else {}
+
+
+def non_persistent_buffers(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of every buffer that a state dict leaves out, in a fixed order."""
+    return [
+        (f"{prefix}.{name}" if prefix else name, buffer)
+        for prefix, owner in module.named_modules()
+        for name, buffer in owner.named_buffers(recurse=False)
+        if name in owner._non_persistent_buffers_set
+    ]
 
 
 def model_source(recipe: ModelRecipe, env: DistEnv) -> ModelSource:

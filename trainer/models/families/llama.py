@@ -1,0 +1,58 @@
+"""Llama (`transformers.LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU MLP, grouped-query attention.
+
+The 1b and 3b presets are the shapes of Llama 3.2 1B and 3B (tied embeddings, rope_theta 500000);
+150m is a 16-layer, 768-wide model of the same design; tiny is for CPU tests and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.models.families.base import Family
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-tiny": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "intermediate_size": 176,
+                   "rope_theta": 10000.0, "tie_embeddings": False},
+    "llama-150m": {"n_layer": 16, "n_head": 12, "n_kv_head": 4, "n_embd": 768, "intermediate_size": 2048,
+                   "rope_theta": 10000.0, "tie_embeddings": False},
+    "llama-1b": {"n_layer": 16, "n_head": 32, "n_kv_head": 8, "n_embd": 2048, "intermediate_size": 8192,
+                 "rope_theta": 500000.0, "tie_embeddings": True},
+    "llama-3b": {"n_layer": 28, "n_head": 24, "n_kv_head": 8, "n_embd": 3072, "intermediate_size": 8192,
+                 "rope_theta": 500000.0, "tie_embeddings": True},
+}  # fmt: skip
+
+
+def make_config(model: Any, shape: dict[str, Any], vocab_size: int, seq_len: int) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=seq_len,
+        hidden_size=shape["n_embd"],
+        num_hidden_layers=shape["n_layer"],
+        num_attention_heads=shape["n_head"],
+        num_key_value_heads=shape["n_kv_head"],
+        intermediate_size=shape["intermediate_size"],
+        rope_theta=float(shape["rope_theta"]),
+        tie_word_embeddings=shape["tie_embeddings"],
+        attention_dropout=model.dropout,
+        use_cache=False,
+    )
+
+
+FAMILY = Family(
+    name="llama",
+    summary="Llama: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention",
+    presets=PRESETS,
+    shape_keys=(
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "n_kv_head",
+        "intermediate_size",
+        "rope_theta",
+        "tie_embeddings",
+    ),
+    model_types=("llama",),
+    make_config=make_config,
+)
