@@ -20,7 +20,6 @@ from trainer.models.families.hf import load_hf_config
 from trainer.models.load import is_hf_folder, model_from_checkpoint, resolve_step_dir
 from trainer.models.pretrained import context_length, load_pretrained, set_causal_lm_loss
 
-
 INIT_FROM_SOURCES = "an exported HF folder, a run folder, a checkpoint folder, or a model name in the local Hugging Face cache"
 
 

@@ -51,8 +51,13 @@ class Family:
         """What is wrong with the run's model.* keys for this family, one item per problem."""
         problems = []
         if model.size is not None and model.size not in self.presets:
-            sizes = ", ".join(self.presets) or "none: the shape comes from model.hf_config or model.init_from"
-            problems.append(f"model.size='{model.size}' is not a {self.name} size ({sizes})")
+            sizes = ", ".join(self.presets)
+            problems.append(
+                f"model.size='{model.size}' is not a {self.name} size ({sizes})"
+                if sizes
+                else f"model.size='{model.size}' does not apply to model.arch={self.name} (its shape comes from "
+                "model.hf_config or model.init_from); set model.size=null"
+            )
         foreign = [
             key for key in SHAPE_KEYS if getattr(model, key) is not None and key not in self.shape_keys
         ]

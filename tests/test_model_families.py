@@ -1,0 +1,250 @@
+"""Model families: llama-tiny with both backends (equal across world sizes, bitwise resume, export), any
+Hugging Face decoder by its config folder (Qwen2- and Mistral-style), FLOPs per token by hand, and a
+vocabulary above 65,535 (uint32 tokens)."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from trainer_runs import by_step, read_metrics, train
+
+from launcher.cli import main as cli_main
+from trainer.checkpoint import newest_valid_step
+from trainer.config import DataConfig, load_config, model_shape
+from trainer.errors import UserError
+from trainer.evaluation import validation_loss
+from trainer.models.build import build_model, model_facts
+from trainer.models.load import full_state_dict
+from trainer.models.pretrained import load_pretrained
+
+LLAMA = ["model.arch=llama", "model.size=llama-tiny", "train.max_steps=8", "checkpoint.every_steps=4",
+         "train.global_batch_size=8", "train.micro_batch_size=2"]  # fmt: skip
+FP32_REL = 1e-4  # another world size sums the same numbers in another order
+
+
+def assert_close(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
+    for step in steps:
+        assert math.isclose(got[step], expected[step], rel_tol=FP32_REL), (step, got[step], expected[step])
+
+
+@pytest.fixture(scope="module")
+def llama_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
+    """llama-tiny, 8 steps: FSDP on 2 ranks straight; FSDP stopped at 4 and resumed on 2 ranks; FSDP on 1
+    rank stopped at 4 and resumed on 2; DeepSpeed on 2 ranks straight."""
+    root = tmp_path_factory.mktemp("llama")
+    data = demo_dataset.path
+    train(root / "fsdp", data, nproc=2, overrides=LLAMA)
+    train(root / "stopped", data, nproc=2, overrides=[*LLAMA, "train.stop_at_step=4"])
+    train(root / "stopped", data, nproc=2, overrides=LLAMA)
+    train(root / "one-rank", data, nproc=1, overrides=[*LLAMA, "train.stop_at_step=4"])
+    train(root / "one-rank", data, nproc=2, overrides=LLAMA)
+    train(root / "deepspeed", data, nproc=2, overrides=[*LLAMA, "parallel.backend=deepspeed"])
+    return {name: root / name for name in ("fsdp", "stopped", "one-rank", "deepspeed")}
+
+
+def test_llama_tiny_resumes_bitwise_after_a_stop(llama_runs):
+    straight, resumed = read_metrics(llama_runs["fsdp"]), read_metrics(llama_runs["stopped"])
+    assert next(r for r in straight if r.get("event") == "start")["arch"] == "llama"
+    assert by_step(resumed) == by_step(straight) and len(by_step(straight)) == 8
+    assert any(r.get("event") == "resume" and r["step"] == 4 for r in resumed)
+    final = full_state_dict(newest_valid_step(llama_runs["stopped"] / "checkpoints").step_dir)
+    expected = full_state_dict(newest_valid_step(llama_runs["fsdp"] / "checkpoints").step_dir)
+    assert final.keys() == expected.keys() and "lm_head.weight" in final  # untied: a head of its own
+    assert all(torch.equal(final[name], tensor) for name, tensor in expected.items())
+
+
+def test_llama_tiny_on_one_rank_equals_two_and_resumes_on_another_world_size(llama_runs):
+    """Steps 1-4 on 1 rank, 5-8 on 2 from its checkpoint: the 2-rank run's losses within fp32 tolerance."""
+    expected = by_step(read_metrics(llama_runs["fsdp"]))
+    records = read_metrics(llama_runs["one-rank"])
+    assert next(r for r in records if r.get("event") == "resume")["from_world_size"] == 1
+    assert_close(by_step(records), expected, range(1, 9))
+
+
+def test_llama_tiny_trains_the_same_under_deepspeed(llama_runs):
+    expected, got = by_step(read_metrics(llama_runs["fsdp"])), by_step(read_metrics(llama_runs["deepspeed"]))
+    assert_close(got, expected, range(1, 9))
+    assert got[8] < got[1] - 0.1
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_llama_export_loads_in_transformers_with_the_trainers_logits(backend, llama_runs, tmp_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out = tmp_path / "hf"
+    assert cli_main(["export", str(llama_runs[backend]), "--out", str(out)]) == 0
+    exported = load_pretrained(out).eval()
+    assert isinstance(exported, LlamaForCausalLM) and exported.config.num_key_value_heads == 2
+    step_dir = newest_valid_step(llama_runs[backend] / "checkpoints").step_dir
+    config = load_config(step_dir / "config.yaml")
+    state = full_state_dict(step_dir)
+    vocab, seq_len = state["model.embed_tokens.weight"].shape[0], exported.config.max_position_embeddings
+    trainer_model = build_model(config.model, vocab, seq_len, "sdpa", seed=0)  # built as training builds it
+    trainer_model.load_state_dict(state)
+    input_ids = AutoTokenizer.from_pretrained(out)("def parse(text):\n    return text", return_tensors="pt")
+    with torch.no_grad():
+        expected = trainer_model.eval()(input_ids["input_ids"]).logits
+        got = exported(input_ids["input_ids"]).logits
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- any Hugging Face decoder, from a config folder ------------------------------------------------
+
+
+def hf_folder(kind: str, tokenizer_dir: Path, out: Path) -> Path:
+    """A tiny random model of a family the trainer has no module for, and the data's tokenizer, saved."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = {"vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}  # fmt: skip
+    torch.manual_seed(7)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape, sliding_window=None))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_any_hf_decoder_starts_at_its_own_loss_trains_and_exports(kind, demo_dataset, tmp_path):
+    folder = hf_folder(kind, demo_dataset.path / "tokenizer", tmp_path / kind)
+    before = validation_loss(
+        load_pretrained(folder).eval(), str(demo_dataset.path), batches=2, micro_batch_size=4
+    )
+    run_dir = tmp_path / "run"
+    overrides = ["model.arch=hf", "model.size=null", f"model.init_from={folder}", "eval.every_steps=6", "eval.batches=2",
+                 "train.max_steps=6", "train.global_batch_size=4", "train.micro_batch_size=4", "train.lr=3e-3"]  # fmt: skip
+    records = train(run_dir, demo_dataset.path, nproc=1, overrides=overrides)
+    evals = [r["val_loss"] for r in records if "val_loss" in r]
+    assert math.isclose(evals[0], before["val_loss"], rel_tol=1e-5), (evals[0], before)
+    assert evals[-1] < evals[0] - 0.05, evals
+    out = tmp_path / "export"
+    assert cli_main(["export", str(run_dir), "--out", str(out)]) == 0
+    exported = load_pretrained(out)
+    assert exported.config.model_type == kind
+    after = validation_loss(exported.eval(), str(demo_dataset.path), batches=2, micro_batch_size=4)
+    assert math.isclose(after["val_loss"], evals[-1], rel_tol=1e-5), (after, evals[-1])
+
+
+def test_an_init_from_of_another_family_names_model_arch(demo_dataset, tmp_path):
+    folder = hf_folder("qwen2", demo_dataset.path / "tokenizer", tmp_path / "qwen2")
+    config = load_config(
+        "tiny", [f"run.dir={tmp_path}", f"data.path={demo_dataset.path}", f"model.init_from={folder}"]
+    )
+    with pytest.raises(UserError, match=r"is a 'qwen2' model but model.arch=gpt2; set model.arch=hf"):
+        build_model(config.model, 512, 64, "sdpa", seed=0)
+
+
+def test_a_folder_with_its_own_code_runs_nothing_unless_trusted(demo_dataset, tmp_path):
+    """A config.json whose auto_map points at a Python file next to it: refused naming the key, and the
+    file (which would leave a mark) never runs."""
+    folder = hf_folder("qwen2", demo_dataset.path / "tokenizer", tmp_path / "custom")
+    mark = tmp_path / "code-ran"
+    (folder / "configuration_custom.py").write_text(
+        f"from pathlib import Path\nPath({str(mark)!r}).write_text('ran')\n"
+        "from transformers import Qwen2Config\nclass CustomConfig(Qwen2Config):\n    model_type = 'custom'\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (folder / "config.json").write_text(json.dumps(config))
+    overrides = [f"run.dir={tmp_path / 'run'}", f"data.path={demo_dataset.path}", "model.arch=hf",
+                 "model.size=null", f"model.hf_config={folder}"]  # fmt: skip
+    config = load_config("tiny", overrides)
+    with pytest.raises(
+        UserError, match=r"model.hf_config='.*' ships its own model code.*model.trust_remote_code=true"
+    ):
+        build_model(config.model, 512, 64, "sdpa", seed=0)
+    assert not mark.exists()
+
+
+def test_hf_shape_keys_and_the_datas_vocabulary_apply_to_a_config_folder(demo_dataset, tmp_path):
+    folder = hf_folder("mistral", demo_dataset.path / "tokenizer", tmp_path / "mistral")
+    overrides = [f"run.dir={tmp_path}", f"data.path={demo_dataset.path}", "model.arch=hf", "model.size=null",
+                 f"model.hf_config={folder}", "model.n_layer=3", "model.n_kv_head=1"]  # fmt: skip
+    model = build_model(load_config("tiny", overrides).model, 300, 256, "sdpa", seed=0)
+    assert type(model).__name__ == "MistralForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.num_key_value_heads) == (3, 1)
+    assert model.config.vocab_size == 300 and model.config.max_position_embeddings == 256
+
+
+# --- FLOPs by hand -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "size", ["tiny", "gpt2-124m", "gpt2-1.5b", "llama-tiny", "llama-150m", "llama-1b", "llama-3b"]
+)
+def test_flops_per_token_of_each_preset_match_a_count_of_its_matmuls(size):
+    """6 FLOPs per weight of every matrix product a token goes through, plus attention's scores and
+    weighted sum, 12 * layers * width * context; counted here from the shapes alone."""
+    arch = "llama" if size.startswith("llama") else "gpt2"
+    config = load_config("tiny", ["run.dir=x", "data.path=x", f"model.arch={arch}", f"model.size={size}"])
+    vocab, seq_len = 50257, 1024
+    with torch.device("meta"):
+        facts = model_facts(build_model(config.model, vocab, seq_len, "sdpa", seed=0), seq_len, arch)
+    shape = model_shape(config.model)
+    d, layers = shape["n_embd"], shape["n_layer"]
+    if arch == "gpt2":
+        per_layer = d * 3 * d + d * d + 2 * d * 4 * d  # qkv, out, fc + proj
+    else:
+        kv = d // shape["n_head"] * shape["n_kv_head"]
+        per_layer = d * d + 2 * d * kv + d * d + 3 * d * shape["intermediate_size"]  # q, k+v, o, gate/up/down
+    head = d * vocab  # the output layer, tied or not; the input embedding is a lookup
+    expected = 6 * (layers * per_layer + head) + 12 * layers * d * seq_len
+    assert facts.flops_per_token() == expected
+
+
+# --- a vocabulary above 65,535 --------------------------------------------------------------------
+
+
+def test_a_vocabulary_above_uint16_is_prepared_as_uint32_and_trains(tmp_path):
+    """A word-level tokenizer of 70,000 entries whose corpus words all sit above id 65,535."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from trainer.data.prepare import PrepareOptions, run_prepare
+
+    corpus = [
+        Path(sysconfig.get_paths()["stdlib"]) / name for name in ("textwrap.py", "string.py", "glob.py")
+    ]
+    words = sorted({word for path in corpus for word in re.findall(r"\S+", path.read_text())})
+    vocab = {"<|endoftext|>": 0, "<unk>": 1} | {f"<filler{i}>": i for i in range(2, 66000)}
+    vocab |= {word: 66000 + index for index, word in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "tokenizer")
+    data = tmp_path / "data"
+    run_prepare(
+        PrepareOptions(
+            inputs=[str(path) for path in corpus],
+            out=data,
+            tokenizer=str(tmp_path / "tokenizer"),
+            seq_len=32,
+            workers=1,
+        )
+    )
+    prepared = json.loads((data / "prepare.json").read_text())
+    assert prepared["vocab_size"] == len(vocab) > 65536
+    from trainer.data.loader import build_loader
+
+    batch = next(iter(build_loader(DataConfig(path=str(data), shuffle=False), "train", 4, seed=0)))
+    assert int(batch["input_ids"].max()) > 65535 and batch["input_ids"].dtype == torch.int64
+    records = train(tmp_path / "run", data, nproc=1, overrides=[*LLAMA[:2], "train.max_steps=4", "train.lr=1e-2",
+                                                                "train.global_batch_size=4", "train.micro_batch_size=4"])  # fmt: skip
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert (
+        len(losses) == 4
+        and all(np.isfinite(losses))
+        and losses[0] == pytest.approx(math.log(len(vocab)), rel=0.02)
+    )
