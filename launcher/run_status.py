@@ -42,6 +42,7 @@ class RunStatus:
     requeues: int = 0
     max_requeues: int = SlurmConfig.max_requeues
     cap_reached: bool = False
+    model: str | None = None
     step: int | None = None
     max_steps: int | None = None
     loss: float | None = None
@@ -221,6 +222,9 @@ def read_status(path: str | Path, verify: bool = False) -> RunStatus:
         checkpoints=checkpoints,
         goodput=summarize(run_dir),
     )
+    start = next((r for r in reversed(events) if r["event"] == "start" and "model" in r), None)
+    if start is not None:
+        status.model = f"{start['model']}, {start.get('params', 0) / 1e6:.2f}M parameters"
     train_lines = [r for r in records if "loss" in r]
     if train_lines:
         newest = train_lines[-1]
@@ -243,6 +247,8 @@ def format_status(status: RunStatus) -> str:
     rows = [("run", status.run_dir), ("state", status.state)]
     if status.jobs:
         rows.append(("jobs", "; ".join(job["describe"] for job in reversed(status.jobs))))
+    if status.model is not None:
+        rows.append(("model", status.model))
     left = "no requeues left" if status.requeues >= status.max_requeues else "cap not reached"
     rows.append(("requeues", f"{status.requeues} of at most {status.max_requeues} ({left})"))
     if status.step is not None:

@@ -248,3 +248,17 @@ def test_a_vocabulary_above_uint16_is_prepared_as_uint32_and_trains(tmp_path):
         and all(np.isfinite(losses))
         and losses[0] == pytest.approx(math.log(len(vocab)), rel=0.02)
     )
+
+
+def test_the_readme_llama_command_trains_and_status_names_the_family(demo_dataset, tmp_path, capsys):
+    """The README's `llm-train train llama-tiny ...` line as written, with this test's data, folder and steps."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("llm-train train llama-tiny "))
+    args = line.split()[1:]
+    args = [f"data.path={demo_dataset.path}" if a.startswith("data.path=") else a for a in args]
+    args = [f"run.dir={tmp_path / 'run'}" if a.startswith("run.dir=") else a for a in args]
+    args = ["train.max_steps=3" if a.startswith("train.max_steps=") else a for a in args]
+    assert cli_main([*args, "log.wandb=off", "eval.every_steps=0", "checkpoint.every_steps=3"]) == 0
+    capsys.readouterr()
+    assert cli_main(["status", str(tmp_path / "run")]) == 0
+    assert re.search(r"^model\s+llama llama-tiny, 0\.\d\dM parameters$", capsys.readouterr().out, re.M)
