@@ -91,7 +91,7 @@ def main() -> None:
     config = load_config("tiny", overrides)
     source = model_source(ModelRecipe(config.model, 50257, 1024, "sdpa", seed=0), env)
     backend = FSDPBackend(config, source, batch_plan(config.train, 1), env)
-    batch = torch.randint(0, 50257, (1, 64))
+    batch = {"input_ids": torch.randint(0, 50257, (1, 64))}
     backend.forward_backward(batch, last_micro_batch=True)
     backend.step()  # materialises the AdamW moments
     size_gb = state_bytes(backend) / 1e9

@@ -68,10 +68,10 @@ def run_row(env: DistEnv, size: str, micro: int, overrides: list[str], args: arg
     plan = batch_plan(config.train, 1, seq_len)
     attn = choose_attention(config.model.attn, env.device, config.train.precision)
     source = model_source(ModelRecipe(config.model, VOCAB, seq_len, attn, seed=0), env)
-    facts = model_facts(source.meta(), seq_len)
+    facts = model_facts(source.meta(), seq_len, config.model.arch)
     backend = build_backend(config, source, plan, env)
     del source
-    batch = torch.randint(0, VOCAB, (micro, seq_len), device=env.device)
+    batch = {"input_ids": torch.randint(0, VOCAB, (micro, seq_len), device=env.device)}
     cuda = env.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -290,6 +290,17 @@ def all_reduce_scalar(
     return tensor
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks in float64 (a no-op in a single process), on the tensor's device."""
+    total = tensor.detach().double().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on_nccl = dist.get_backend() == "nccl"
+        reduced = total.cuda() if on_nccl else total.cpu()
+        dist.all_reduce(reduced)
+        total = reduced.to(tensor.device)
+    return total
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
     """Average a scalar over ranks (float64, so the result does not depend on the device)."""
     world_size = dist.get_world_size() if dist.is_initialized() else 1

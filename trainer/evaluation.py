@@ -11,10 +11,11 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.config import DataConfig, load_config
-from trainer.data.loader import build_loader
+from trainer.data.loader import IGNORE_INDEX, build_loader
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.names import unique_names
+from trainer.parallel.inputs import model_inputs
 
 EVAL_SOURCE = "llm-train eval"
 
@@ -23,12 +24,18 @@ EVAL_SOURCE = "llm-train eval"
 def validation_loss(
     model: PreTrainedModel, data_path: str, batches: int, micro_batch_size: int = 8
 ) -> dict[str, float]:
+    """As training evaluates: text, the mean of the batches' mean token losses; instruction data, the
+    loss of every response token over their count."""
     loader = build_loader(DataConfig(path=data_path), "val", micro_batch_size, seed=0)
-    losses = [
-        model(input_ids=b["input_ids"], labels=b["input_ids"]).loss.double()
-        for b in loader.iter_batches(batches)
-    ]
-    val_loss = float(torch.stack(losses).mean())
+    losses, targets = [], []
+    for batch in loader.iter_batches(batches):
+        if "labels" in batch:
+            losses.append(model(**model_inputs(batch, torch.ones(()))).loss.double())
+            targets.append((batch["labels"][:, 1:] != IGNORE_INDEX).sum().double())
+        else:
+            losses.append(model(**model_inputs(batch)).loss.double())
+    stacked = torch.stack(losses)
+    val_loss = float(stacked.sum() / torch.stack(targets).sum() if targets else stacked.mean())
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from trainer.distributed import all_reduce_mean
+from trainer.data.loader import IGNORE_INDEX
+from trainer.distributed import all_reduce_mean, all_reduce_sum
 from trainer.metrics import mfu
 from trainer.resilience.fault_injection import scaled_loss_if_chosen, step_faults
 from trainer.resilience.nonfinite import LossWatch, handle_bad_step
@@ -22,11 +23,26 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """Validation loss and perplexity; leaves the model in eval mode (`train_loop` sets train mode itself)."""
+    """Validation loss and perplexity; leaves the model in eval mode (`train_loop` sets train mode itself).
+
+    Text: the mean of the batches' mean token losses. Instruction data: the loss of every response token
+    of every batch and rank added up, over their count (batches hold different numbers of them).
+    """
     ctx.heartbeat.enter("evaluation")
     ctx.backend.train(False)
-    losses = [ctx.backend.eval_loss(batch["input_ids"].to(ctx.device)).double() for batch in val_batches]
-    val_loss = all_reduce_mean(torch.stack(losses).mean())
+    losses, targets = [], []
+    for batch in val_batches:
+        batch = _to_device(batch, ctx.device)
+        if "labels" in batch:
+            losses.append(ctx.backend.eval_loss(batch, num_items=_ONE.to(ctx.device)).double())
+            targets.append(_target_count(batch))
+        else:
+            losses.append(ctx.backend.eval_loss(batch).double())
+    if targets:
+        total = all_reduce_sum(torch.stack([torch.stack(losses).sum(), torch.stack(targets).sum()]))
+        val_loss = float(total[0] / total[1])
+    else:
+        val_loss = all_reduce_mean(torch.stack(losses).mean())
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
 
 
@@ -35,23 +51,48 @@ def train_step(
 ) -> tuple[float, float]:
     """One optimizer step over `grad_accum` micro batches; returns (loss averaged over ranks, grad norm).
 
-    Both backends apply no update when the gradient norm is not finite.
+    Both backends apply no update when the gradient norm is not finite. Instruction batches hold
+    different numbers of response tokens: their count over the whole step (one all-reduce) divides each
+    micro batch's summed loss, so the step's loss and gradients are those of one mean over every
+    response token of the global batch, whatever the micro batch size and world size.
     """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    with ctx.clock.phase("data"):
+        ctx.heartbeat.enter("data", step)
+        micro_batches = [_to_device(next(batches), ctx.device) for _ in range(ctx.plan.grad_accum)]
+    num_items = _step_targets(ctx, micro_batches)
     with scaled_loss_if_chosen(ctx.backend.module, batch_index):
-        for micro in range(ctx.plan.grad_accum):
-            with ctx.clock.phase("data"):
-                ctx.heartbeat.enter("data", step)
-                input_ids = next(batches)["input_ids"].to(ctx.device, non_blocking=True)
+        for micro, batch in enumerate(micro_batches):
             ctx.heartbeat.enter("forward/backward")
-            loss += ctx.backend.forward_backward(
-                input_ids, last_micro_batch=micro == ctx.plan.grad_accum - 1
-            ).double()
+            last = micro == ctx.plan.grad_accum - 1
+            loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
     ctx.heartbeat.enter("loss all-reduce")
     return all_reduce_mean(loss / ctx.plan.grad_accum), grad_norm
+
+
+_ONE = torch.ones((), dtype=torch.float32)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
+def _target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tokens a batch's loss is computed on (transformers shifts the labels by one)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
+
+
+def _step_targets(ctx: LoopContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """None for text; for instruction data the step's response-token count over all ranks, divided by
+    world size x accumulation (each micro batch's gradient is averaged over both)."""
+    if "labels" not in micro_batches[0]:
+        return None
+    count = all_reduce_sum(torch.stack([_target_count(batch) for batch in micro_batches]).sum())
+    ctx.response_tokens = int(count)
+    return (count / (ctx.plan.world_size * ctx.plan.grad_accum)).float()
 
 
 def skip_listed_batches(ctx: LoopContext, state: TrainState, batches: Iterator[Any]) -> None:
@@ -102,6 +143,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
                 "grad_norm": grad_norm,
                 "tokens": state.tokens,
                 "tokens_per_s": round(tokens_per_s, 1),
+                **({"response_tokens": ctx.response_tokens} if ctx.response_tokens is not None else {}),
                 "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), ctx.plan.world_size, ctx.peak_tflops),
                 "step_time_s": round(time.perf_counter() - step_start, 4),
                 "mem_gb": _memory_gb(ctx.device),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+
+from trainer.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -10,7 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="sample text from an HF folder or a run's newest checkpoint"
     )
     parser.add_argument("model", help="HF folder, RUN_DIR or checkpoint step folder")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", help="the text to continue; with --chat, the user's message")
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="treat --prompt as a user message and answer it with the chat template the model was trained "
+        "with; without --prompt on a terminal, a conversation (an empty line ends it)",
+    )
     add_sampling_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -23,8 +32,37 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat:
+        return chat(args)
+    if args.prompt is None:
+        raise UserError("generate: --prompt is required (or --chat for a conversation on a terminal)")
     print(generate_text(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed))
     return 0
+
+
+def chat(args: argparse.Namespace) -> int:
+    """One answer to --prompt, or a conversation read from the terminal, each reply with the whole history."""
+    from trainer.models.generation import chat_reply, check_sampling
+    from trainer.models.load import load_any, load_tokenizer
+
+    check_sampling(args.max_new_tokens, args.temperature)
+    if args.prompt is None and not sys.stdin.isatty():
+        raise UserError("generate --chat: give --prompt TEXT (stdin is not a terminal for a conversation)")
+    loaded = load_any(args.model)
+    tokenizer = load_tokenizer(loaded)
+    messages: list[dict[str, str]] = []
+    while True:
+        text = args.prompt if args.prompt is not None else input("you> ")
+        if not text.strip():
+            return 0
+        messages.append({"role": "user", "content": text})
+        reply = chat_reply(
+            loaded.model, tokenizer, messages, args.max_new_tokens, args.temperature, args.seed
+        )
+        messages.append({"role": "assistant", "content": reply})
+        print(reply if args.prompt is not None else f"model> {reply}")
+        if args.prompt is not None:
+            return 0
 
 
 def generate_text(model_path: str, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:

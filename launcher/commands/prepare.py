@@ -6,6 +6,7 @@ import argparse
 import json
 
 from trainer.data.prepare import PrepareOptions
+from trainer.data.prepare.instructions import FORMATS, PACKING
 from trainer.data.prepare.options import DEFAULT_VAL_FRACTION, MAX_DEFAULT_WORKERS
 from trainer.logs import setup_logging
 
@@ -31,6 +32,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--hf-dataset",
         metavar="NAME[:CONFIG]",
         help="a Hugging Face dataset (hub or local HF cache), or a folder written by Dataset.save_to_disk",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="text: documents (default); chat: JSONL records {messages: [{role, content}, ...]}, rendered with "
+        "the tokenizer's chat template (a default one if it has none), loss on every assistant turn; "
+        "prompt-completion: JSONL records {prompt, completion}, loss on the completion",
+    )
+    parser.add_argument(
+        "--packing",
+        choices=PACKING,
+        default="greedy",
+        help="chat/prompt-completion: greedy packs several examples per sample, attention kept apart "
+        "(default); none gives each example a padded sample of its own",
     )
     parser.add_argument("--split", default="train", help="split of --hf-dataset (default: train)")
     parser.add_argument(
@@ -97,6 +113,8 @@ def options_from_args(args: argparse.Namespace) -> PrepareOptions:
         compression=args.compression,
         overwrite=args.overwrite,
         append_to=args.append_to,
+        format=args.format,
+        packing=args.packing,
     )
 
 

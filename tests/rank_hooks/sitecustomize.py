@@ -18,6 +18,7 @@ if _prefix:
     import torch
 
     import trainer.loop
+    from trainer.models.build import decoder_layers
     from trainer.state import LoopContext
 
     _train_step = trainer.loop.train_step
@@ -29,7 +30,7 @@ if _prefix:
         if _observed_steps:
             return _train_step(ctx, batches, step, batch_index)
         _observed_steps.append(step)
-        blocks = list(ctx.backend.module.transformer.h)
+        blocks = list(decoder_layers(ctx.backend.module))
         calls = [0] * len(blocks)
         training: list[bool] = []
 

@@ -28,6 +28,42 @@ def sample(
     """The prompt and its continuation; greedy at temperature 0, else the same text for the same seed."""
     check_sampling(max_new_tokens, temperature)
     input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    output = _generate(model, tokenizer, input_ids, max_new_tokens, temperature, seed)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def chat_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> str:
+    """The assistant's next message, rendered with the tokenizer's chat template (the one the model was
+    trained with), up to its end-of-turn token."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(
+            "the model's tokenizer has no chat template: fine-tune it on `prepare --format chat` data, "
+            "or generate without --chat"
+        )
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    input_ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    stop = {"eos_token_id": tokenizer.eos_token_id}
+    output = _generate(model, tokenizer, input_ids, max_new_tokens, temperature, seed, **stop)
+    return tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def _generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    **stop: int,
+) -> torch.Tensor:
     room = context_length(model.config) - input_ids.shape[1]
     if room < 1:
         raise UserError(
@@ -39,14 +75,14 @@ def sample(
         if temperature > 0
         else {"do_sample": False}
     )
-    output = model.generate(
+    return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=min(max_new_tokens, room),
         pad_token_id=tokenizer.eos_token_id,
+        **stop,
         **sampling,
     )
-    return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
 def tidy_sample(prompt: str, text: str) -> str:

@@ -21,8 +21,11 @@ class Backend(Protocol):
     name: str
     module: nn.Module
 
-    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
-        """Forward and backward of one micro batch; returns its mean token loss, detached."""
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward and backward of one micro batch; returns its loss, detached: the mean over its targets,
+        or with `num_items` their sum divided by it (see trainer/parallel/inputs.py)."""
 
     def step(self) -> float:
         """Clip, optimizer step, schedule step, zero the gradients; returns the gradient norm before clipping.
@@ -30,8 +33,10 @@ class Backend(Protocol):
         A non-finite norm applies no update and does not move the schedule (the gradients are dropped).
         """
 
-    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean token loss of one batch without gradients."""
+    def eval_loss(
+        self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of one batch without gradients (as `forward_backward` computes it)."""
 
     def train(self, mode: bool = True) -> None: ...
 

@@ -24,6 +24,7 @@ from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
 from trainer.models.build import check_tied, compile_blocks
 from trainer.optim import build_scheduler, param_groups
+from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,10 @@ class DeepSpeedBackend:
             self.engine.communication_data_type,
         )
 
-    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
-        loss = self.engine(input_ids=input_ids, labels=input_ids).loss
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        loss = self.engine(**model_inputs(batch, num_items)).loss
         self.engine.backward(loss)
         if not last_micro_batch:
             self.engine.step()  # at a non-boundary micro batch the engine only accumulates
@@ -119,8 +122,10 @@ class DeepSpeedBackend:
         return float(norm) if norm is not None else float("nan")
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.engine(input_ids=input_ids, labels=input_ids).loss.detach().float()
+    def eval_loss(
+        self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.engine(**model_inputs(batch, num_items)).loss.detach().float()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

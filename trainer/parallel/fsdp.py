@@ -26,6 +26,7 @@ from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
 from trainer.models.build import check_tied, compile_blocks, decoder_layers
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
 
 
@@ -77,10 +78,12 @@ class FSDPBackend:
         self.grad_clip = config.train.grad_clip
         self.grad_accum = plan.grad_accum
 
-    def forward_backward(self, input_ids: torch.Tensor, last_micro_batch: bool) -> torch.Tensor:
+    def forward_backward(
+        self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Reduce-scatter gradients only once per optimizer step, on the last micro batch.
         self.module.set_requires_gradient_sync(last_micro_batch)
-        loss = self.module(input_ids=input_ids, labels=input_ids).loss
+        loss = self.module(**model_inputs(batch, num_items)).loss
         (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -97,8 +100,10 @@ class FSDPBackend:
         return float(norm)
 
     @torch.no_grad()
-    def eval_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=input_ids, labels=input_ids).loss.detach()
+    def eval_loss(
+        self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.module(**model_inputs(batch, num_items)).loss.detach()
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

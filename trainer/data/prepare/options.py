@@ -13,6 +13,9 @@ from pathlib import Path
 
 from trainer.errors import UserError
 
+FORMATS = ("text", "chat", "prompt-completion")
+PACKING = ("greedy", "none")
+
 BPE_PREFIX = "bpe:"
 # A byte-level BPE needs the 256 byte symbols plus the end-of-text token.
 BPE_MIN_VOCAB = 257
@@ -58,6 +61,8 @@ class PrepareOptions:
     overwrite: bool = False
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     append_to: str | Path | None = None
+    format: str = "text"  # text | chat | prompt-completion (trainer.data.prepare.instructions)
+    packing: str = "greedy"  # greedy | none: instruction examples per sample
 
 
 def bpe_vocab_size(spec: str) -> int | None:
@@ -99,6 +104,15 @@ def validate(options: PrepareOptions) -> PrepareOptions:
             f"--val-fraction {fraction}: must be in [0, 1), the share of documents held out "
             "for validation, e.g. 0.05"
         )
+    if options.format not in FORMATS:
+        raise UserError(f"--format {options.format!r}: must be one of {', '.join(FORMATS)}")
+    if options.packing not in PACKING:
+        raise UserError(f"--packing {options.packing!r}: must be one of {', '.join(PACKING)}")
+    if options.format != "text" and (options.hf_dataset or options.append_to):
+        raise UserError(
+            f"--format {options.format} reads JSONL files given with --input; --hf-dataset and --append-to "
+            "take text (--format text)"
+        )
     workers = default_workers() if options.workers is None else options.workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be >= 1 (tokenizer processes)")
@@ -128,4 +142,6 @@ def validate(options: PrepareOptions) -> PrepareOptions:
         overwrite=options.overwrite,
         progress=options.progress,
         append_to=options.append_to,
+        format=options.format,
+        packing=options.packing,
     )

@@ -61,7 +61,13 @@ def run_prepare(options: PrepareOptions) -> dict[str, Any]:
         pretrained = load_pretrained(opts.tokenizer, opts.seq_len)
     temp = make_temp_dir(out)
     try:
-        stats = _prepare_into(temp, opts, source, pretrained, parent)
+        if opts.format != "text":
+            from trainer.data.prepare.instruction_pipeline import prepare_instructions
+
+            assert isinstance(source, FileSource)
+            stats = prepare_instructions(temp, opts, source.files, pretrained)
+        else:
+            stats = _prepare_into(temp, opts, source, pretrained, parent)
         if parent is not None:
             stats = merge(parent, temp, stats)
         # Last file of the dataset: a folder without it was never finished.
