@@ -16,6 +16,7 @@ from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, val
 from trainer.models.generation import check_sampling, sample, tidy_sample
 from trainer.models.load import LoadedModel, load_any, load_tokenizer
 from trainer.names import unique_names
+from trainer.task_eval import run_tasks
 
 
 @dataclass
@@ -24,6 +25,7 @@ class ModelResult:
     path: str
     step: int | None
     datasets: dict[str, dict[str, float]]  # NAME -> val_loss, val_ppl, d_loss, d_ppl_pct (vs the baseline)
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # harness TASK -> METRIC -> value
 
 
 @dataclass
@@ -36,6 +38,15 @@ class Comparison:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """lm-evaluation-harness tasks to run on every model (`compare --tasks`)."""
+
+    tasks: list[str]
+    task_dir: str | None = None
+    limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -87,8 +98,9 @@ def _with_differences(results: list[dict[str, dict[str, float]]]) -> list[dict[s
 
 
 def compare(
-    paths: list[str], data: list[str] | None, batches: int, sampling: SampleSettings | None = None
-) -> Comparison:
+    paths: list[str], data: list[str] | None, batches: int, sampling: SampleSettings | None = None,
+    tasks: TaskSettings | None = None,
+) -> Comparison:  # fmt: skip
     """Load every model (all stay in memory), check the tokenizers, evaluate, then sample each prompt."""
     if len(paths) < 2:
         raise UserError(f"compare needs at least two models, got {len(paths)}; name a baseline and another")
@@ -112,6 +124,12 @@ def compare(
             for name, path, model, result in zip(names, paths, loaded, results, strict=True)
         ],
     )
+    for result, path, model in (
+        zip(comparison.models, paths, loaded, strict=True) if tasks is not None else []
+    ):
+        result.tasks = run_tasks(model.model, load_tokenizer(model), tasks.tasks, tasks.task_dir, tasks.limit)
+        if (run_dir := run_dir_of(path)) is not None:
+            record_eval(run_dir, model.step, result.tasks, kind="task")
     for prompt in sampling.prompts if sampling is not None else []:
         outputs = {
             name: sample(
@@ -171,6 +189,24 @@ def format_table(comparison: Comparison) -> str:
         f"d_loss and d_ppl are relative to the baseline {comparison.baseline}"
     )
     return "\n".join([title, "  ".join(group_line).rstrip(), line(header), *(line(row) for row in rows)])
+
+
+def format_tasks(comparison: Comparison) -> str:
+    """One row per model, one column per task metric (lm-evaluation-harness)."""
+    columns = sorted(
+        {(task, metric) for model in comparison.models for task, m in model.tasks.items() for metric in m}
+    )
+    header = ["model", *(f"{task} {metric}" for task, metric in columns)]
+    rows = [[model.name, *(f"{model.tasks.get(task, {}).get(metric, float('nan')):.4f}" for task, metric in columns)]
+            for model in comparison.models]  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.rjust(width) if i else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in [header, *rows]
+    )
 
 
 def format_samples(comparison: Comparison) -> str:

@@ -70,7 +70,10 @@ def test_shards_are_plain_mds_with_a_loss_mask_and_example_lengths(chat_data):
     assert len(sample["tokens"]) == len(sample["loss_mask"]) == SEQ_LEN == int(sample["doc_lengths"].sum())
     assert len(sample["doc_lengths"]) >= 2 and 0 < int(sample["loss_mask"].sum()) < SEQ_LEN
     assert stats["chat_template"] == "default" and stats["format"] == "chat"
-    assert stats["train_examples"] + stats["val_examples"] == stats["kept_records"] >= 140 and stats["val_examples"]
+    assert (
+        stats["train_examples"] + stats["val_examples"] == stats["kept_records"] >= 140
+        and stats["val_examples"]
+    )
 
 
 def _batch(data: Path, micro: int = 4) -> dict[str, torch.Tensor]:

@@ -73,13 +73,17 @@ def run_dir_of(path: str | Path) -> Path | None:
     return None
 
 
-def record_eval(run_dir: Path, step: int | None, results: dict[str, dict[str, float]]) -> None:
-    """Append one eval line per dataset to RUN_DIR/metrics.jsonl, mirrored to W&B as it is configured
-    for the run (log.wandb in RUN_DIR/config.yaml) under `eval/NAME/val_loss` and `eval/NAME/val_ppl`."""
+def record_eval(
+    run_dir: Path, step: int | None, results: dict[str, dict[str, float]], kind: str = "dataset"
+) -> None:
+    """Append one eval line per dataset (or per harness task, `kind="task"`) to RUN_DIR/metrics.jsonl,
+    mirrored to W&B as it is configured for the run (log.wandb in RUN_DIR/config.yaml) under
+    `eval/NAME/val_loss` and `eval/NAME/val_ppl` (tasks: `eval/task/NAME/METRIC`)."""
     metrics = MetricsLogger(load_config(run_dir / "config.yaml"), run_dir, enabled=True)
+    prefix = "eval/task/" if kind == "task" else "eval/"
     try:
         for name, numbers in results.items():
-            record = {"step": step, **numbers, "dataset": name, "source": EVAL_SOURCE}
-            metrics.write(record, wandb_prefix=f"eval/{name}/")
+            record = {"step": step, **numbers, kind: name, "source": EVAL_SOURCE}
+            metrics.write(record, wandb_prefix=f"{prefix}{name}/")
     finally:
         metrics.close()

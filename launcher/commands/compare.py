@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from launcher.commands.eval import add_data_arguments
+from launcher.commands.eval import add_data_arguments, add_task_arguments
 from launcher.commands.generate import add_sampling_arguments
 
 
@@ -25,19 +25,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompt", action="append", default=[], help="also sample each model from this prompt; repeatable"
     )
     add_sampling_arguments(parser)
+    add_task_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.compare import SampleSettings, compare, format_samples, format_table
+    from launcher.compare import (
+        SampleSettings,
+        TaskSettings,
+        compare,
+        format_samples,
+        format_table,
+        format_tasks,
+    )
+    from trainer.task_eval import parse_tasks
 
     sampling = SampleSettings(args.prompt, args.max_new_tokens, args.temperature, args.seed)
-    comparison = compare(args.models, args.data, args.batches, sampling if args.prompt else None)
+    tasks = (
+        TaskSettings(parse_tasks(args.tasks), args.task_dir, args.limit) if args.tasks is not None else None
+    )
+    comparison = compare(args.models, args.data, args.batches, sampling if args.prompt else None, tasks)
     if args.json:
         print(json.dumps(comparison.to_dict()))
-    elif comparison.samples:
-        print(f"{format_table(comparison)}\n\n{format_samples(comparison)}")
-    else:
-        print(format_table(comparison))
+        return 0
+    parts = [format_table(comparison)]
+    if tasks is not None:
+        parts.append(format_tasks(comparison))
+    if comparison.samples:
+        parts.append(format_samples(comparison))
+    print("\n\n".join(parts))
     return 0

@@ -14,10 +14,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "model", help="RUN_DIR (newest valid checkpoint), a checkpoint step folder or an HF folder"
     )
     add_data_arguments(parser, "the run's data.path")
+    add_task_arguments(parser)
     parser.add_argument(
         "--json", action="store_true", help="JSON output (the default; for symmetry with compare)"
     )
     parser.set_defaults(handler=run)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tasks, --task-dir and --limit (lm-evaluation-harness), shared with `compare`."""
+    parser.add_argument(
+        "--tasks",
+        metavar="NAME[,NAME...]",
+        help="lm-evaluation-harness tasks (e.g. hellaswag,arc_easy); the validation loss is then measured only "
+        "with --data",
+    )
+    parser.add_argument("--task-dir", metavar="DIR", help="a folder of your own harness task YAML files")
+    parser.add_argument("--limit", type=_positive, default=None, help="at most N examples per task")
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, default_data: str) -> None:
@@ -45,13 +58,24 @@ def run(args: argparse.Namespace) -> int:
     A RUN_DIR or one of its step folders also gets the results as eval lines in its metrics.jsonl (and W&B).
     """
     from trainer.evaluation import datasets_or_default, record_eval, run_dir_of, validation_losses
-    from trainer.models.load import load_any
+    from trainer.models.load import load_any, load_tokenizer
+    from trainer.task_eval import parse_tasks, run_tasks
 
+    tasks = parse_tasks(args.tasks) if args.tasks is not None else None
     loaded = load_any(args.model)
+    run_dir = run_dir_of(args.model)
+    if tasks is not None:
+        scores = run_tasks(loaded.model, load_tokenizer(loaded), tasks, args.task_dir, args.limit)
+        if run_dir is not None:
+            record_eval(run_dir, loaded.step, scores, kind="task")
+        output = {"step": loaded.step, "tasks": scores}
+        if args.data:
+            output["datasets"] = validation_losses(loaded.model, args.data, args.batches)
+        print(json.dumps(output))
+        return 0
     results = validation_losses(
         loaded.model, datasets_or_default(args.data, loaded.data_path, args.model), args.batches
     )
-    run_dir = run_dir_of(args.model)
     if run_dir is not None:
         record_eval(run_dir, loaded.step, results)
     if len(results) == 1:
