@@ -243,3 +243,32 @@ def test_the_export_renders_chats_as_training_did_and_generate_chat_answers(
     ]
     assert cli_main([*args, "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_prompt_completion_records_unpacked_train_on_the_completion_and_its_end(demo_dataset, tmp_path):
+    from transformers import AutoTokenizer
+
+    records = [{"prompt": f"what is {i} plus {i}?\n", "completion": f"it is {2 * i}"} for i in range(20)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    options = PrepareOptions(inputs=[str(path)], out=tmp_path / "data", tokenizer=str(demo_dataset.path / "tokenizer"),
+                             seq_len=64, format="prompt-completion", packing="none", workers=1)  # fmt: skip
+    stats = run_prepare(options)
+    assert stats["train_samples"] + stats["val_samples"] == 20 and stats["padding_tokens"] > 0
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "data" / "tokenizer")
+    for sample in _raw_samples(tmp_path / "data", 3):
+        assert len(sample["doc_lengths"]) == 2  # the example, then its padding
+        trained = tokenizer.decode(sample["tokens"][sample["loss_mask"].astype(bool)])
+        assert trained.startswith("it is ") and trained.endswith(tokenizer.eos_token), trained
+
+
+def test_chat_records_from_a_hugging_face_dataset(demo_dataset, tmp_path):
+    import datasets
+
+    records = list(stdlib_records(limit=20))
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
+    options = PrepareOptions(hf_dataset=str(tmp_path / "hf"), out=tmp_path / "data", format="chat",
+                             tokenizer=str(demo_dataset.path / "tokenizer"), seq_len=SEQ_LEN, workers=1)  # fmt: skip
+    stats = run_prepare(options)
+    assert stats["records"] == 20 and stats["kept_records"] + sum(stats["bad_records"].values()) == 20
+    assert stats["kept_records"] >= 18 and stats["hf_dataset"] == str(tmp_path / "hf")

@@ -31,17 +31,16 @@ from trainer.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def prepare_instructions(
-    temp: Path, opts: PrepareOptions, files: list[Path], pretrained: Any
-) -> dict[str, Any]:
-    """Write the tokenizer and the train/val splits of the instruction records into `temp`; return the stats."""
+def prepare_instructions(temp: Path, opts: PrepareOptions, source: Any, pretrained: Any) -> dict[str, Any]:
+    """Write the tokenizer and the train/val splits of the instruction records of `source` (JSONL files or a
+    Hugging Face dataset, see `read_records`) into `temp`; return the stats."""
     assert opts.seq_len is not None and opts.tokenizer is not None
     tokenizer = pretrained
     if tokenizer is None:
         vocab = bpe_vocab_size(opts.tokenizer)
         assert vocab is not None
         log.info("training a byte-level BPE with %d tokens on the records' text", vocab)
-        tokenizer = train_bpe(vocab, record_texts(files, opts.format))
+        tokenizer = train_bpe(vocab, record_texts(source, opts.format))
     template = "tokenizer"
     if opts.format == "chat" and ensure_chat_template(tokenizer):
         template = "default"
@@ -49,7 +48,7 @@ def prepare_instructions(
     info = save_tokenizer(tokenizer, temp / "tokenizer")
     counts = RecordCounts()
     examples: list[Example] = []
-    for where, line in read_records(files):
+    for where, line in read_records(source):
         example = encode(line, opts.format, tokenizer, opts.seq_len, counts, where)
         if example is not None:
             examples.append(example)
@@ -60,7 +59,8 @@ def prepare_instructions(
         )  # fmt: skip
     if not examples:
         raise UserError(
-            f"--input {' '.join(opts.inputs)}: none of the {counts.records} records is a usable --format "
+            f"{'--hf-dataset ' + opts.hf_dataset if opts.hf_dataset else '--input ' + ' '.join(opts.inputs)}: "
+            f"none of the {counts.records} records is a usable --format "
             f"{opts.format} record ({', '.join(f'{n} {r}' for r, n in counts.bad.items()) or 'no records'})"
         )
     if counts.truncated:
@@ -96,6 +96,8 @@ def prepare_instructions(
         "tokenizer": opts.tokenizer,
         "chat_template": template if opts.format == "chat" else None,
         "inputs": opts.inputs,
+        "hf_dataset": opts.hf_dataset,
+        "split": opts.split if opts.hf_dataset else None,
         "compression": opts.compression,
         "val_fraction": opts.val_fraction,
     }

@@ -23,7 +23,6 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,8 +91,14 @@ def ensure_chat_template(tokenizer: Any) -> bool:
     return True
 
 
-def read_records(files: list[Path]) -> Iterator[tuple[str, str]]:
-    """(file:line, text) of every non-blank line of the JSONL files, in order."""
+def read_records(source: Any) -> Iterator[tuple[str, str]]:
+    """(where, JSON text) of every record: each non-blank line of the JSONL files in order (where = file:line),
+    or each row of a Hugging Face dataset (where = its row number)."""
+    files = getattr(source, "files", None)
+    if files is None:
+        for index, row in enumerate(source.dataset):
+            yield f"--hf-dataset {source.spec} row {index}", json.dumps(row)
+        return
     for path in files:
         with path.open(encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, start=1):
@@ -171,9 +176,9 @@ def encode(
     return Example(tokens, mask, int.from_bytes(digest, "big") / 2**64)
 
 
-def record_texts(files: list[Path], fmt: str) -> Iterator[str]:
+def record_texts(source: Any, fmt: str) -> Iterator[str]:
     """The text of every usable record's fields, for training a BPE tokenizer on instruction data."""
-    for _, line in read_records(files):
+    for _, line in read_records(source):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -108,10 +108,9 @@ def validate(options: PrepareOptions) -> PrepareOptions:
         raise UserError(f"--format {options.format!r}: must be one of {', '.join(FORMATS)}")
     if options.packing not in PACKING:
         raise UserError(f"--packing {options.packing!r}: must be one of {', '.join(PACKING)}")
-    if options.format != "text" and (options.hf_dataset or options.append_to):
+    if options.format != "text" and options.append_to:
         raise UserError(
-            f"--format {options.format} reads JSONL files given with --input; --hf-dataset and --append-to "
-            "take text (--format text)"
+            f"--append-to takes text (--format text); prepare --format {options.format} data anew"
         )
     workers = default_workers() if options.workers is None else options.workers
     if workers < 1:

@@ -64,8 +64,7 @@ def run_prepare(options: PrepareOptions) -> dict[str, Any]:
         if opts.format != "text":
             from trainer.data.prepare.instruction_pipeline import prepare_instructions
 
-            assert isinstance(source, FileSource)
-            stats = prepare_instructions(temp, opts, source.files, pretrained)
+            stats = prepare_instructions(temp, opts, source, pretrained)
         else:
             stats = _prepare_into(temp, opts, source, pretrained, parent)
         if parent is not None:
@@ -82,7 +81,8 @@ def run_prepare(options: PrepareOptions) -> dict[str, Any]:
 
 def _open_source(opts: PrepareOptions, out: Path) -> Source:
     if opts.hf_dataset:
-        return open_hf_dataset(opts.hf_dataset, opts.split, opts.text_field)
+        field = {"chat": "messages", "prompt-completion": "prompt"}.get(opts.format, opts.text_field)
+        return open_hf_dataset(opts.hf_dataset, opts.split, field)
     files = resolve_inputs(opts.inputs)
     # An input folder that contains --out must not read an earlier output (shards, tokenizer) as text.
     ours = {f for f in files if f.is_relative_to(out) or _in_temp(f, out)}
