@@ -15,7 +15,8 @@ from trainer_runs import by_step, read_metrics, train
 
 from launcher.cli import main as cli_main
 from trainer.config import DataConfig, load_config
-from trainer.data.loader import build_loader, instruction_targets
+from trainer.data.batches import instruction_targets
+from trainer.data.loader import build_loader
 from trainer.data.prepare import PrepareOptions, run_prepare
 from trainer.data.prepare.instructions import RecordCounts, encode
 from trainer.data.prepare.stdlib_instructions import stdlib_records

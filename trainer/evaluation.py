@@ -11,7 +11,8 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.config import DataConfig, load_config
-from trainer.data.loader import IGNORE_INDEX, build_loader
+from trainer.data.batches import IGNORE_INDEX
+from trainer.data.loader import build_loader
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.names import unique_names

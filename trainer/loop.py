@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from trainer.data.loader import IGNORE_INDEX
+from trainer.data.batches import IGNORE_INDEX
 from trainer.distributed import all_reduce_mean, all_reduce_sum
 from trainer.metrics import mfu
 from trainer.resilience.fault_injection import scaled_loss_if_chosen, step_faults

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 from collections.abc import Generator, Iterator
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +35,8 @@ import torch.distributed as dist
 from streaming import StreamingDataLoader, StreamingDataset
 
 from trainer.config import DataConfig
-from trainer.data.dataset_info import PREPARE_HINT, DatasetInfo, as_tokens, read_dataset_info
+from trainer.data.batches import collate
+from trainer.data.dataset_info import PREPARE_HINT, DatasetInfo, read_dataset_info
 from trainer.data.mapped_dataset import MappedDataset
 from trainer.data.mixture import describe, reseed_weights, split_streams
 from trainer.data.shm_cleanup import clean_stale_streaming_shm
@@ -47,49 +47,6 @@ logger = logging.getLogger(__name__)
 # Messages of streaming's errors that mean a shard is missing or damaged (not a bug of ours).
 _SHARD_PROBLEMS = ("a shard could not be read", "Background thread failed")
 _shm_cleaned = False
-IGNORE_INDEX = -100
-"""The label that the loss skips (transformers' and torch's cross-entropy convention)."""
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The batch as int64 arrays; `TokenBatches` makes them tensors in the training process.
-
-    A DataLoader worker passes a numpy array through its result pipe, about 4x cheaper per batch
-    than a tensor, which torch moves to a new shared-memory file and hands over as a descriptor.
-    Instruction data (a `loss_mask` column) also gets `labels` and `position_ids`: see `instruction_targets`.
-    """
-    rows = [as_tokens(sample["tokens"]) for sample in samples]
-    tokens = np.empty((len(rows), len(rows[0])), np.int64)  # filled row by row: faster than np.stack
-    for index, row in enumerate(rows):
-        if len(row) != tokens.shape[1]:
-            raise ValueError(f"a batch mixes samples of {tokens.shape[1]} and {len(row)} tokens")
-        tokens[index] = row
-    if "loss_mask" not in samples[0]:
-        return {"input_ids": tokens}
-    labels, positions = np.empty_like(tokens), np.empty_like(tokens)
-    for index, sample in enumerate(samples):
-        labels[index], positions[index] = instruction_targets(
-            tokens[index], sample["loss_mask"], sample["doc_lengths"]
-        )
-    return {"input_ids": tokens, "labels": labels, "position_ids": positions}
-
-
-def instruction_targets(
-    tokens: np.ndarray, loss_mask: Any, doc_lengths: Any
-) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, position_ids) of one packed instruction sample.
-
-    Labels are the tokens where the mask marks a response, -100 (ignored) elsewhere and at the first token
-    of every example (never predicted from the example before it). Positions restart at 0 at each
-    example: transformers then keeps attention within each example (its packed-sequence masks for SDPA
-    and eager, varlen flash attention), so a packed example's loss is its loss alone.
-    """
-    lengths = np.asarray(doc_lengths, np.int64)
-    starts = np.cumsum(lengths) - lengths
-    labels = np.where(np.asarray(loss_mask, bool), np.asarray(tokens, np.int64), IGNORE_INDEX)
-    labels[starts] = IGNORE_INDEX
-    positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)
-    return labels, positions
 
 
 def _as_user_error(split: str, error: Exception) -> UserError | None:
@@ -336,7 +293,7 @@ def build_loader(
         dataset,
         batch_size=micro_batch_size,
         num_workers=data.num_workers if split == "train" else 0,
-        collate_fn=_collate,
+        collate_fn=collate,
         drop_last=split == "train",
         persistent_workers=False,
     )
