@@ -23,16 +23,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0) -> int:
+def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0, nodes: int = 1) -> int:
+    """`nproc` ranks on this machine; with `nodes` > 1 they are split into that many "nodes" of nproc / nodes
+    ranks each (their LOCAL_RANK and LOCAL_WORLD_SIZE), to try multi-node layouts such as hybrid sharding."""
     port = free_port()
     procs = []
+    per_node = nproc // nodes
     for rank in range(nproc):
         env = dict(
             os.environ,
             RANK=str(rank),
             WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank),
-            LOCAL_WORLD_SIZE=str(nproc),
+            LOCAL_RANK=str(rank % per_node),
+            LOCAL_WORLD_SIZE=str(per_node),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )

@@ -147,6 +147,10 @@ class ParallelConfig:
     """fsdp (FSDP2 fully_shard + DCP) | deepspeed (ZeRO stage 3)."""
     timeout_s: int = 600
     """Collective timeout: a lost or stalled rank fails the job after this many seconds instead of hanging it."""
+    shard: str = "auto"
+    """Ranks one copy of the model state is sharded over: full (every rank) | node (the ranks of a node,
+    replicated across nodes: hybrid sharding) | N (groups of N ranks) | auto (node when the job has more than
+    one node and the model state fits one node's GPUs, else full). Checkpoints reshard between settings."""
 
 
 @dataclass
@@ -402,6 +406,9 @@ def validate(config: Config) -> None:
         for key, value, allowed in choices
         if value not in allowed
     ]
+    shard = config.parallel.shard
+    if shard not in ("full", "node", "auto") and not (shard.isdigit() and int(shard) >= 1):
+        problems.append(f"parallel.shard='{shard}' is not full, node, auto or a whole number of ranks >= 1")
     if config.train.precision == "fp16" and config.parallel.backend != "deepspeed":
         problems.append("train.precision=fp16 needs parallel.backend=deepspeed; use bf16 with fsdp")
     if config.train.micro_batch_size > config.train.global_batch_size:

@@ -112,6 +112,7 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
             world_size=env.world_size,
             backend=backend.name,
             grad_accum=plan.grad_accum,
+            shard_group=backend.shard_size,
             model=config.model.family_name,
             arch=facts.arch,
             params=facts.n_params,

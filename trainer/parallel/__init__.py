@@ -20,6 +20,8 @@ class Backend(Protocol):
 
     name: str
     module: nn.Module
+    shard_size: int
+    """Ranks one copy of the model state is sharded over (the world size unless hybrid, `parallel.shard`)."""
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None

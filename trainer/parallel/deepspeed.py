@@ -28,13 +28,14 @@ from trainer.parallel.deepspeed_universal import (
 )
 from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
+from trainer.parallel.sharding import shard_group_size, state_bytes
 
 log = logging.getLogger(__name__)
 TAG = "deepspeed"
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")  # what engine._copy_recovery_script copies
 
 
-def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
+def deepspeed_config(config: Config, plan: BatchPlan, shard_size: int | None = None) -> dict[str, Any]:
     """The engine's config. In bf16, gradients are accumulated and reduced in fp32, as FSDP2 does
     (MixedPrecisionPolicy(reduce_dtype=float32)): DeepSpeed's defaults, bf16 for both, would add rounding
     at every micro batch and in every reduction, and the two backends would not train alike."""
@@ -42,6 +43,9 @@ def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if train.precision == "bf16":
         extra = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+    hierarchical = (
+        {"zero_hpz_partition_size": shard_size} if shard_size and shard_size < plan.world_size else {}
+    )
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -54,6 +58,7 @@ def deepspeed_config(config: Config, plan: BatchPlan) -> dict[str, Any]:
             "overlap_comm": True,
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
+            **hierarchical,  # ZeRO++ hpZ: a secondary copy of the weights sharded within each group
         },
         "optimizer": {
             "type": "AdamW",
@@ -84,7 +89,8 @@ class DeepSpeedBackend:
 
         if env.device.type == "cpu":
             _skip_shm_comm_build()
-        ds_config = deepspeed_config(config, plan)
+        self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(source.meta()))
+        ds_config = deepspeed_config(config, plan, self.shard_size)
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
         model = _partitioned_model(source, ds_config)
         if config.train.compile:
@@ -100,10 +106,12 @@ class DeepSpeedBackend:
         self._record_writes()
         model_dtype, accum_dtype = self.engine.get_data_types()
         log.info(
-            "DeepSpeed ZeRO-3: parameters in %s, gradients accumulated in %s and reduced in %s",
+            "DeepSpeed ZeRO-3: parameters in %s, gradients accumulated in %s and reduced in %s; weights "
+            "sharded over groups of %d ranks",
             model_dtype,
             getattr(self.engine.optimizer, "gradient_accumulation_dtype", accum_dtype),
             self.engine.communication_data_type,
+            self.shard_size,
         )
 
     def forward_backward(

@@ -28,10 +28,20 @@ from trainer.models.build import check_tied, compile_blocks, decoder_layers
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
+from trainer.parallel.sharding import shard_group_size, state_bytes
 
 
-def parallelize(model: nn.Module, precision: str, env: DistEnv, compile_model: bool) -> FSDPModule:
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+def parallelize(
+    model: nn.Module, precision: str, env: DistEnv, compile_model: bool, shard_size: int | None = None
+) -> FSDPModule:
+    """`fully_shard` over all ranks, or (`shard_size` < world size) over groups of `shard_size` ranks and
+    replicated across the groups: a 2-D (replicate, shard) mesh, FSDP2's hybrid sharding."""
+    shard_size = shard_size or env.world_size
+    if shard_size < env.world_size:
+        shape, names = (env.world_size // shard_size, shard_size), ("replicate", "shard")
+        mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+    else:
+        mesh = init_device_mesh(env.device.type, (env.world_size,))
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -71,7 +81,9 @@ class FSDPBackend:
     supports_async = True
 
     def __init__(self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> None:
-        self.module = parallelize(source.meta(), config.train.precision, env, config.train.compile)
+        meta = source.meta()
+        self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
+        self.module = parallelize(meta, config.train.precision, env, config.train.compile, self.shard_size)
         materialize(self.module, source, env.device)
         self.optimizer = build_optimizer(self.module, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train)

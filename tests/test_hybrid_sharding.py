@@ -1,0 +1,72 @@
+"""Hybrid sharding (`parallel.shard=node`): 4 processes as 2 simulated nodes of 2, against full sharding, and
+checkpoints that reshard between the two and onto another world size."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+from trainer_runs import by_step, read_metrics, train
+
+STEPS = [
+    "train.max_steps=6",
+    "checkpoint.every_steps=3",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+]
+FP32_REL = 1e-5
+
+
+def _close(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
+    for step in steps:
+        assert math.isclose(got[step], expected[step], rel_tol=FP32_REL), (step, got[step], expected[step])
+
+
+def _resume_from_step_3(straight: Path, run_dir: Path) -> Path:
+    """A copy of a finished 6-step run whose newest checkpoint is step 3, as if it had stopped there."""
+    shutil.copytree(straight, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000003")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
+    """full and node on 4 processes as 2 x 2; then from their step-3 checkpoints: node -> full on 2 processes,
+    full -> node, node -> node (unchanged, bitwise)."""
+    root = tmp_path_factory.mktemp("hybrid")
+    data = demo_dataset.path
+    for shard in ("full", "node"):
+        train(root / shard, data, nproc=4, nodes=2, overrides=[*STEPS, f"parallel.shard={shard}"])
+    resumes = {"node-to-full": ("node", "full", 2, 1), "full-to-node": ("full", "node", 4, 2),
+               "node-to-node": ("node", "node", 4, 2)}  # fmt: skip
+    for name, (source, shard, nproc, nodes) in resumes.items():
+        run_dir = _resume_from_step_3(root / source, root / name)
+        train(run_dir, data, nproc=nproc, nodes=nodes, overrides=[*STEPS, f"parallel.shard={shard}"])
+    return {path.name: path for path in root.iterdir()}
+
+
+def _start(run_dir: Path) -> dict:
+    return next(r for r in read_metrics(run_dir) if r.get("event") == "start")
+
+
+def test_node_sharding_trains_like_full_sharding(sharded_runs):
+    assert (
+        _start(sharded_runs["node"])["shard_group"] == 2 and _start(sharded_runs["full"])["shard_group"] == 4
+    )
+    _close(
+        by_step(read_metrics(sharded_runs["node"])), by_step(read_metrics(sharded_runs["full"])), range(1, 7)
+    )
+
+
+@pytest.mark.parametrize("run", ["node-to-full", "full-to-node"])
+def test_a_checkpoint_reshards_between_node_and_full(run, sharded_runs):
+    records = read_metrics(sharded_runs[run])
+    assert any(r.get("event") == "resume" and r["step"] == 3 for r in records)
+    _close(by_step(records), by_step(read_metrics(sharded_runs["full"])), range(1, 7))
+
+
+def test_unchanged_sharding_resumes_bitwise(sharded_runs):
+    assert by_step(read_metrics(sharded_runs["node-to-node"])) == by_step(read_metrics(sharded_runs["node"]))
