@@ -40,6 +40,8 @@ def sharded_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
     data = demo_dataset.path
     for shard in ("full", "node"):
         train(root / shard, data, nproc=4, nodes=2, overrides=[*STEPS, f"parallel.shard={shard}"])
+    deepspeed = [*STEPS, "parallel.shard=node", "parallel.backend=deepspeed"]
+    train(root / "deepspeed-node", data, nproc=4, nodes=2, overrides=deepspeed)
     resumes = {"node-to-full": ("node", "full", 2, 1), "full-to-node": ("full", "node", 4, 2),
                "node-to-node": ("node", "node", 4, 2)}  # fmt: skip
     for name, (source, shard, nproc, nodes) in resumes.items():
@@ -61,6 +63,17 @@ def test_node_sharding_trains_like_full_sharding(sharded_runs):
     )
 
 
+def test_deepspeed_hierarchical_partitioning_trains_like_full_sharding(sharded_runs):
+    """ZeRO++ hpZ (zero_hpz_partition_size = ranks per node); its checkpoints are ZeRO-3's, over all ranks."""
+    assert _start(sharded_runs["deepspeed-node"])["shard_group"] == 2
+    got, expected = (
+        by_step(read_metrics(sharded_runs["deepspeed-node"])),
+        by_step(read_metrics(sharded_runs["full"])),
+    )
+    for step in range(1, 7):
+        assert math.isclose(got[step], expected[step], rel_tol=1e-4), (step, got[step], expected[step])
+
+
 @pytest.mark.parametrize("run", ["node-to-full", "full-to-node"])
 def test_a_checkpoint_reshards_between_node_and_full(run, sharded_runs):
     records = read_metrics(sharded_runs[run])
@@ -70,3 +83,33 @@ def test_a_checkpoint_reshards_between_node_and_full(run, sharded_runs):
 
 def test_unchanged_sharding_resumes_bitwise(sharded_runs):
     assert by_step(read_metrics(sharded_runs["node-to-node"])) == by_step(read_metrics(sharded_runs["node"]))
+
+
+def test_shard_groups_follow_the_setting_and_must_divide_the_world_size():
+    from trainer.distributed import DistEnv
+    from trainer.errors import UserError
+    from trainer.parallel.sharding import shard_group_size
+
+    env = DistEnv(
+        rank=0, world_size=4, local_rank=0, local_world_size=2, master_addr="127.0.0.1", master_port=1
+    )
+    assert [shard_group_size(s, env, 10**6) for s in ("full", "node", "2", "auto")] == [
+        4,
+        2,
+        2,
+        4,
+    ]  # no GPU: auto is full
+    with pytest.raises(
+        UserError, match=r"parallel.shard=3 makes groups of 3 ranks, which do not divide the job's 4"
+    ):
+        shard_group_size("3", env, 10**6)
+
+
+def test_deepspeed_partitions_hierarchically_only_when_hybrid():
+    from trainer.config import batch_plan, load_config
+    from trainer.parallel.deepspeed import deepspeed_config
+
+    config = load_config("tiny", ["run.dir=x", "data.path=x", "train.micro_batch_size=2"])
+    plan = batch_plan(config.train, 4)
+    assert deepspeed_config(config, plan, 2)["zero_optimization"]["zero_hpz_partition_size"] == 2
+    assert "zero_hpz_partition_size" not in deepspeed_config(config, plan, 4)["zero_optimization"]
