@@ -14,7 +14,7 @@ import traceback
 from trainer.errors import UserError
 
 COMMANDS = (
-    "prepare", "train", "submit", "status", "doctor", "cancel", "eval", "export", "generate", "demo",
+    "prepare", "train", "plan", "submit", "status", "doctor", "cancel", "eval", "export", "generate", "demo",
     "compare", "plot",
 )  # fmt: skip
 

@@ -46,6 +46,8 @@ class ClusterProfile:
     nodes: int = 1
     gpus_per_node: int = 0
     """One task per GPU; 0 means a CPU cluster: one task per node."""
+    gpu: str | None = None
+    """The GPU model (h100, h200, a100-80gb, ...: launcher/plan.py GPUS) for the memory/time plan of a dry run."""
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     """Memory per node in GB; None leaves SLURM's default."""
@@ -126,6 +128,7 @@ _KEYS: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "constraint": ((str,), True, "a node feature expression or null"),
     "nodes": ((int,), False, "a whole number"),
     "gpus_per_node": ((int,), False, "a whole number (0 on CPU clusters)"),
+    "gpu": ((str,), True, "a GPU model such as h100, or null"),
     "cpus_per_task": ((int,), True, "a whole number or null"),
     "mem_gb": ((int, float), True, "a number of GB or null"),
     "time": ((str, int), False, 'a time limit like "04:00:00"'),

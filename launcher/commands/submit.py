@@ -7,6 +7,7 @@ The SLURM job id is the last line of stdout, for scripts: `JOB=$(llm-train submi
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from trainer.errors import UserError
 
@@ -41,6 +42,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _plan_text(config: Any, profile: Any) -> str:
+    """The memory/time plan of the job (launcher/plan.py), when the profile names its GPU model."""
+    if not profile.gpus_per_node or profile.gpu is None:
+        return (
+            "plan: set `gpu: NAME` (h100, a100-80gb, ...) in the cluster profile for a memory and time plan"
+        )
+    from launcher.plan import format_plan, plan_for_config
+
+    plan, note = plan_for_config(config, profile.nodes, profile.gpus_per_node, profile.gpu)
+    return "plan:\n" + format_plan(plan) + note
+
+
 def run(args: argparse.Namespace) -> int:
     from launcher import slurm_job, slurm_query
     from launcher.profiles import format_time, load_profile, with_overrides
@@ -66,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         print(script)
         print(f"batch plan: {sub.plan.describe()}")
         print(f"layout: {layout}, partition {profile.partition}, time {format_time(profile.time_s)}")
+        print(_plan_text(sub.config, profile))
         print(f"dry run: sbatch script written to {path}; nothing submitted")
         return 0
 

@@ -1,0 +1,83 @@
+"""`llm-train plan`: model-state bytes against real checkpoints and DeepSpeed's estimator, warnings, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from trainer_runs import train
+
+from launcher.cli import main as cli_main
+from launcher.plan import make_plan, model_shape_facts
+from trainer.checkpoint import newest_valid_step
+from trainer.config import load_config
+
+
+def _checkpoint_state_bytes(run_dir: Path) -> int:
+    """The bytes of the tensors in the newest checkpoint's DCP files (fp32 weights and AdamW moments), from
+    its index: the files' own framing (a few hundred bytes a tensor) is left out, which on the tiny shape's
+    2 MB would be 4%."""
+    from trainer.checkpoint.dcp_read import read_metadata
+
+    metadata = read_metadata(newest_valid_step(run_dir / "checkpoints").step_dir / "model")
+    return sum(
+        entry.size.numel() * entry.properties.dtype.itemsize
+        for entry in metadata.state_dict_metadata.values()
+        if hasattr(entry, "chunks")
+    )
+
+
+def _planned_state_bytes(config, vocab: int, seq_len: int, gpus: int) -> int:
+    """What the plan says a checkpoint holds: weights and optimizer state of every GPU (gradients are not saved)."""
+    plan = make_plan(config, vocab, seq_len, nodes=1, gpus_per_node=gpus, gpu="h100")
+    return gpus * (plan.bytes_per_gpu["parameters"] + plan.bytes_per_gpu["optimizer"])
+
+
+@pytest.mark.parametrize("size", ["tiny", "gpt2-124m"])
+def test_planned_weights_and_optimizer_bytes_match_a_real_checkpoint(size, demo_dataset, tmp_path):
+    """Untied embeddings: with tied ones a checkpoint holds the shared tensor under both names (and its
+    moments twice), which costs disk but no memory."""
+    overrides = [f"model.size={size}", "model.tie_embeddings=false", "train.max_steps=1", "train.global_batch_size=2",
+                 "train.micro_batch_size=1", "checkpoint.every_steps=1"]  # fmt: skip
+    train(tmp_path / "run", demo_dataset.path, nproc=2, overrides=overrides)
+    config = load_config(tmp_path / "run" / "config.yaml")
+    planned = _planned_state_bytes(config, demo_dataset.vocab_size, demo_dataset.seq_len, gpus=2)
+    saved = _checkpoint_state_bytes(tmp_path / "run")
+    assert abs(planned - saved) / saved < 0.02, (planned, saved)
+
+
+@pytest.mark.parametrize("size", ["gpt2-124m", "gpt2-350m", "gpt2-1.5b", "llama-1b", "llama-3b"])
+def test_deepspeed_model_states_match_deepspeeds_own_estimator(size):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    arch = "llama" if size.startswith("llama") else "gpt2"
+    config = load_config(size, ["run.dir=x", "data.path=x", f"model.arch={arch}", "parallel.backend=deepspeed",
+                                "train.precision=bf16", "parallel.shard=full"])  # fmt: skip
+    plan = make_plan(config, 50257, 1024, nodes=2, gpus_per_node=8, gpu="h100")
+    states = sum(plan.bytes_per_gpu[name] for name in ("parameters", "gradients", "optimizer"))
+    shape = model_shape_facts(config, 50257, 1024)
+    _, gpu_mem, largest_layer = estimate_zero3_model_states_mem_needs(
+        shape["params"], shape["largest_block"], num_gpus_per_node=8, num_nodes=2, cpu_offload=False
+    )
+    assert abs(states - (gpu_mem - largest_layer)) / (gpu_mem - largest_layer) < 0.02
+    assert plan.params == shape["params"] and plan.shard_group == 16
+
+
+def test_plan_warns_what_to_change_when_a_run_does_not_fit(capsys):
+    args = ["plan", "gpt2-1.5b", "run.dir=x", "model.activation_checkpointing=false", "train.micro_batch_size=16",
+            "--nodes", "1", "--gpus-per-node", "8", "--gpu", "l4"]  # fmt: skip
+    assert cli_main([*args, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan["warnings"] == [
+        "does not fit: enable activation checkpointing (model.activation_checkpointing=true)"
+    ]
+    assert plan["activations_with_checkpointing"] < plan["activations_without_checkpointing"]
+    assert plan["gpu_hours"] == pytest.approx(plan["wall_time_s"] * 8 / 3600)
+
+
+def test_plan_of_an_invalid_config_exits_2_naming_the_key(capsys):
+    args = ["plan", "tiny", "run.dir=x", "train.micro_batch_size=1", "parallel.shard=3", "--nodes", "2",
+            "--gpus-per-node", "2"]  # fmt: skip
+    assert cli_main(args) == 2
+    assert "parallel.shard=3" in capsys.readouterr().err
