@@ -244,6 +244,20 @@ class SlurmConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: list[int] = field(default_factory=list)
+    """[a, b]: a PyTorch profiler trace of steps a to b per rank in RUN_DIR/profiles/rankN/ (Perfetto,
+    TensorBoard), and on CUDA a memory snapshot at step b. Empty: no profiler code runs."""
+
+    def problems(self) -> list[str]:
+        if not self.steps:
+            return []
+        if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+            return [f"profile.steps={self.steps} must be two steps [a, b] with 1 <= a <= b, e.g. [10, 12]"]
+        return []
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -254,6 +268,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass(frozen=True)
@@ -391,7 +406,7 @@ def _range_problems(config: Config) -> list[str]:
 
 def validate(config: Config) -> None:
     """Report every problem at once, in one line, each naming its key."""
-    problems = _range_problems(config) + config.data.problems()
+    problems = _range_problems(config) + config.data.problems() + config.profile.problems()
     choices = [
         ("model.arch", config.model.arch, tuple(FAMILIES)),
         ("model.attn", config.model.attn, ATTENTION),

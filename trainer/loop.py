@@ -7,6 +7,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,10 +123,15 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     last_step = min(cfg.train.max_steps, cfg.train.stop_at_step or cfg.train.max_steps)
     ctx.clock.switch("productive")
     watch = LossWatch(cfg.train.loss_spike_factor, cfg.train.on_nonfinite)
+    profiler = _step_profiler(ctx)
     while state.step < last_step:
         skip_listed_batches(ctx, state, batches)
         step, step_start, lr = state.step + 1, time.perf_counter(), backend.lr
+        if profiler is not None:
+            profiler.before_step(step)
         loss, grad_norm = train_step(ctx, batches, step, state.batches)
+        if profiler is not None:
+            profiler.after_step(step)
         state.batches += 1
         bad = watch.check(loss, grad_norm)
         if bad is not None:
@@ -180,6 +186,16 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     if progress is not None:
         progress.close()
     return state
+
+
+def _step_profiler(ctx: LoopContext) -> Any:
+    """The profiler of `profile.steps`, or None (then nothing of it is even imported)."""
+    if not ctx.config.profile.steps:
+        return None
+    from trainer.profiling import StepProfiler
+
+    first, last = ctx.config.profile.steps
+    return StepProfiler(first, last, Path(ctx.config.run.dir), ctx.rank, ctx.device)
 
 
 def _memory_gb(device: torch.device) -> float | None:
