@@ -50,6 +50,7 @@ class RunStatus:
     updated_s_ago: float | None = None
     s_per_step: float | None = None
     eta_s: float | None = None
+    straggler: str | None = None
     checkpoints: list[Checkpoint] = field(default_factory=list)
     goodput: dict[str, Any] | None = (
         None  # trainer.resilience.goodput.summarize: allocated time and where it went
@@ -230,6 +231,10 @@ def read_status(path: str | Path, verify: bool = False) -> RunStatus:
         newest = train_lines[-1]
         status.step, status.loss = newest["step"], newest["loss"]
         status.tokens_per_s = newest.get("tokens_per_s")
+        if newest.get("slowest_rank") is not None:
+            status.straggler = (
+                f"rank {newest['slowest_rank']}, {newest['slowest_lag_s']:+.3f} s/step behind the median"
+            )
         if "time" in newest:
             status.updated_s_ago = round(time.time() - newest["time"], 1)
     newest_checkpoint = next((int(c.name.split("_")[-1]) for c in checkpoints if c.valid), None)
@@ -266,6 +271,8 @@ def format_status(status: RunStatus) -> str:
         rows.append(
             ("eta", f"{format_duration(status.eta_s)} of training left ({status.s_per_step:.3f} s/step)")
         )
+    if status.straggler is not None:
+        rows.append(("slowest", status.straggler))
     if status.checkpoints:
         shown = [
             f"{c.name} {'ok' if c.valid else 'INVALID (' + str(c.problem) + ')'}{' (latest)' if c.latest else ''}"

@@ -147,6 +147,9 @@ class ParallelConfig:
     """fsdp (FSDP2 fully_shard + DCP) | deepspeed (ZeRO stage 3)."""
     timeout_s: int = 600
     """Collective timeout: a lost or stalled rank fails the job after this many seconds instead of hanging it."""
+    straggler_factor: float = 1.5
+    """A rank whose step keeps it busy more than this times the median, at several logging steps in a row, is
+    logged as a straggler with its host (metrics carry the slowest rank at every logging step)."""
     shard: str = "auto"
     """Ranks one copy of the model state is sharded over: full (every rank) | node (the ranks of a node,
     replicated across nodes: hybrid sharding) | N (groups of N ranks) | auto (node when the job has more than

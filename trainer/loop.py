@@ -18,6 +18,7 @@ from trainer.metrics import mfu
 from trainer.resilience.fault_injection import scaled_loss_if_chosen, step_faults
 from trainer.resilience.nonfinite import LossWatch, handle_bad_step
 from trainer.resilience.preemption import Preempted
+from trainer.resilience.stragglers import StragglerWatch
 from trainer.state import LoopContext, TrainState
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def train_step(
     response token of the global batch, whatever the micro batch size and world size.
     """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    started = time.perf_counter()
     with ctx.clock.phase("data"):
         ctx.heartbeat.enter("data", step)
         micro_batches = [_to_device(next(batches), ctx.device) for _ in range(ctx.plan.grad_accum)]
@@ -68,6 +70,7 @@ def train_step(
             last = micro == ctx.plan.grad_accum - 1
             loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
+    ctx.heartbeat.step_busy(step, time.perf_counter() - started)
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
     ctx.heartbeat.enter("loss all-reduce")
@@ -124,6 +127,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     ctx.clock.switch("productive")
     watch = LossWatch(cfg.train.loss_spike_factor, cfg.train.on_nonfinite)
     profiler = _step_profiler(ctx)
+    stragglers = StragglerWatch(Path(cfg.run.dir), ctx.plan.world_size, cfg.parallel.straggler_factor)
     while state.step < last_step:
         skip_listed_batches(ctx, state, batches)
         step, step_start, lr = state.step + 1, time.perf_counter(), backend.lr
@@ -141,6 +145,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         state.step, state.tokens = step, state.tokens + tokens_per_step
         window_tokens += tokens_per_step
         if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+            ctx.heartbeat.beat()  # every rank: its step times, for the straggler summary of rank 0
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record = {
                 "step": step,
@@ -153,6 +158,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
                 "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), ctx.plan.world_size, ctx.peak_tflops),
                 "step_time_s": round(time.perf_counter() - step_start, 4),
                 "mem_gb": _memory_gb(ctx.device),
+                **(stragglers.summary() if ctx.is_main else {}),
             }
             ctx.metrics.write(record)
             _report(progress, record)

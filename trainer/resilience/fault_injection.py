@@ -7,6 +7,7 @@ LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP'
 LLM_TRAIN_TEST_ABORT="RANK:STEP[:ALLOCS]"     rank RANK calls os.abort() (SIGABRT, what NCCL's watchdog does) at
                                               step STEP, in the first ALLOCS SLURM allocations (default 1)
 LLM_TRAIN_TEST_USER_ERROR="RANK:STEP"         rank RANK raises a UserError (exit 2) at step STEP
+LLM_TRAIN_TEST_SLOW_RANK="RANK:SECONDS"       rank RANK sleeps SECONDS before every optimizer step (a straggler)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SPIKE_AT_BATCH_ENV = "LLM_TRAIN_TEST_SPIKE_AT_BATCH"
 STALL_ENV = "LLM_TRAIN_TEST_STALL"
 ABORT_ENV = "LLM_TRAIN_TEST_ABORT"
 USER_ERROR_ENV = "LLM_TRAIN_TEST_USER_ERROR"
+SLOW_RANK_ENV = "LLM_TRAIN_TEST_SLOW_RANK"  # RANK:SECONDS: that rank is this much slower at every step
 
 
 @functools.cache  # read once per process: two of these hooks sit in every training step
@@ -46,7 +48,10 @@ def sleep_in_save(step: int) -> None:
 
 
 def step_faults(rank: int, step: int) -> None:
-    """The stall, abort and user-error hooks, between a step's backward and its optimizer step."""
+    """The slow-rank, stall, abort and user-error hooks, between a step's backward and its optimizer step."""
+    hook = _numbers(SLOW_RANK_ENV)
+    if hook and int(hook[0]) == rank:
+        time.sleep(hook[1])
     hook = _numbers(STALL_ENV)
     if hook and int(hook[0]) == rank and int(hook[1]) == step:
         log.warning("test hook: rank %d stalls for %.0f s at step %d", rank, hook[2], step)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 FOLDER = "heartbeats"
 STALE_INTERVALS = 2.5  # a heartbeat older than this many intervals means the rank is gone
+BUSY_STEPS = 20  # the steps whose busy time a heartbeat carries
 
 
 def heartbeat_interval(timeout_s: float) -> float:
@@ -36,8 +37,12 @@ class Heartbeat:
         self.folder = run_dir / FOLDER
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self.phase, self.step, self.since = "start-up", 0, time.time()
+        self.busy: dict[int, float] = {}
+        """Seconds of the last steps this rank spent before its first collective of the optimizer step (data,
+        forward, backward): what a slow rank makes the others wait for (trainer/resilience/stragglers.py)."""
         self._host, self._pid = socket.gethostname(), os.getpid()
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # the thread and `beat` share the temporary file
         self._thread: threading.Thread | None = None
         if world_size > 1:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -50,6 +55,12 @@ class Heartbeat:
         self.phase, self.since = phase, time.time()
         if step is not None:
             self.step = step
+
+    def step_busy(self, step: int, seconds: float) -> None:
+        """Record step `step`'s busy time; the next beat writes the last BUSY_STEPS of them."""
+        self.busy[step] = round(seconds, 4)
+        for old in [s for s in self.busy if s <= step - BUSY_STEPS]:
+            del self.busy[old]
 
     def close(self) -> None:
         self._stop.set()
@@ -65,6 +76,15 @@ class Heartbeat:
             except OSError as error:  # a full or vanished run folder must not kill training
                 log.debug("heartbeat not written: %s", error)
 
+    def beat(self) -> None:
+        """Write the heartbeat now (also done every interval by the thread); a failed write is only logged."""
+        if self._thread is None:
+            return
+        try:
+            self._beat()
+        except OSError as error:
+            log.debug("heartbeat not written: %s", error)
+
     def _beat(self) -> None:
         self._write({})
 
@@ -77,12 +97,14 @@ class Heartbeat:
             "time": time.time(),
             "pid": self._pid,
             "host": self._host,
+            "busy_s": {str(step): seconds for step, seconds in list(self.busy.items())},
             **extra,
         }
         path = self.folder / f"rank{self.rank:05d}.json"
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record))
-        tmp.replace(path)
+        with self._writing:
+            tmp.write_text(json.dumps(record))
+            tmp.replace(path)
 
     def _read(self, rank: int) -> dict[str, Any] | None:
         return read_heartbeat(self.folder.parent, rank)
