@@ -12,7 +12,8 @@ dtype and its fp32 gradients for the reduce-scatter, plus the embedding/output l
 Activations per micro batch of b sequences of s tokens, per layer, in 16-bit: s b (16 h + 4.5 f) bytes (h the
 width, f the MLP width; Korthikanti et al. 2022 count 34 s b h for GPT's 4h MLP, with flash attention), twice
 that in fp32; with activation checkpointing only each layer's input (2 s b h) plus one layer being recomputed;
-the logits and their fp32 loss: 10 s b V bytes. Step time is FLOPs per step / (GPUs x peak x MFU).
+the logits and their fp32 loss: 12 s b V bytes. GPT-2's unfused tanh GELU keeps about 4.3 f more. With
+checkpointing the loss's memory and a layer's recomputation come one after the other, so the larger counts. Step time is FLOPs per step / (GPUs x peak x MFU).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ GPUS: dict[str, tuple[float, float]] = {
 DEFAULT_MFU = 0.35
 """What a well-tuned dense decoder reaches on H100-class GPUs with FSDP2 and flash attention (torchtitan reports
 0.35-0.45 for Llama 8B); --mfu sets another, e.g. one measured by bench/gpu.py."""
+UNFUSED_ACTIVATIONS = {"gelu_new": 4.3}
+"""MLP activations that transformers computes as several eager ops, each keeping its own f-wide tensor for
+backward (GPT-2's tanh GELU: x^3, the inner sum, tanh...), in 16-bit tensors per MLP width, measured on CPU."""
 USABLE = 0.9
 """Share of a GPU's memory a run can use: the CUDA context, the allocator's fragmentation and NCCL take the rest."""
 
@@ -134,6 +138,9 @@ def model_shape_facts(config: Config, vocab_size: int, seq_len: int) -> dict[str
         "layers": len(blocks),
         "vocab": hf_config.vocab_size,
         "flops_per_token": facts.flops_per_token(),
+        "extra_mlp_tensors": UNFUSED_ACTIVATIONS.get(
+            getattr(hf_config, "activation_function", None) or "", 0.0
+        ),
     }
 
 
@@ -159,10 +166,11 @@ def activation_bytes(
     shape: dict[str, Any], seq_len: int, micro: int, compute_bytes: int, checkpointing: bool
 ) -> int:
     tokens = seq_len * micro
-    per_layer = tokens * (16 * shape["width"] + 4.5 * shape["mlp"]) * compute_bytes / 2
-    logits = 10 * tokens * shape["vocab"]
-    if checkpointing:
-        return int(shape["layers"] * tokens * shape["width"] * compute_bytes + per_layer + logits)
+    mlp = (4.5 + shape["extra_mlp_tensors"]) * shape["mlp"]
+    per_layer = tokens * (16 * shape["width"] + mlp) * compute_bytes / 2
+    logits = 12 * tokens * shape["vocab"]
+    if checkpointing:  # the layers' inputs, then the loss's or one layer's recomputation, not both at once
+        return int(shape["layers"] * tokens * shape["width"] * compute_bytes + max(per_layer, logits))
     return int(shape["layers"] * per_layer + logits)
 
 
