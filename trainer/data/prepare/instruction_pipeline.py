@@ -25,6 +25,7 @@ from trainer.data.prepare.instructions import (
     record_texts,
 )
 from trainer.data.prepare.options import PrepareOptions, bpe_vocab_size
+from trainer.data.prepare.output import common_stats
 from trainer.data.prepare.tokenizer import save_tokenizer, train_bpe
 from trainer.errors import UserError
 
@@ -86,18 +87,8 @@ def prepare_instructions(temp: Path, opts: PrepareOptions, source: Any, pretrain
         "val_examples": split.val_examples,
         "response_tokens": split.response_tokens,
         "padding_tokens": split.padding_tokens,
-        "tokens": (split.train_samples + split.val_samples) * opts.seq_len,
-        "train_samples": split.train_samples,
-        "val_samples": split.val_samples,
-        "seq_len": opts.seq_len,
-        "vocab_size": info.vocab_size,
-        "eos_id": info.eos_id,
-        "dtype": info.dtype,
-        "tokenizer": opts.tokenizer,
+        **common_stats(opts, info, split.train_samples, split.val_samples),
         "chat_template": template if opts.format == "chat" else None,
-        "inputs": opts.inputs,
-        "hf_dataset": opts.hf_dataset,
-        "split": opts.split if opts.hf_dataset else None,
         "compression": opts.compression,
         "val_fraction": opts.val_fraction,
     }

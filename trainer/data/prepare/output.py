@@ -13,10 +13,28 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def common_stats(opts: Any, info: Any, train_samples: int, val_samples: int) -> dict[str, Any]:
+    """What every prepare.json says, whatever the format: the samples, their shape and where they came from."""
+    return {
+        "tokens": (train_samples + val_samples) * opts.seq_len,
+        "train_samples": train_samples,
+        "val_samples": val_samples,
+        "seq_len": opts.seq_len,
+        "vocab_size": info.vocab_size,
+        "eos_id": info.eos_id,
+        "dtype": info.dtype,
+        "tokenizer": opts.tokenizer,
+        "inputs": opts.inputs,
+        "hf_dataset": opts.hf_dataset,
+        "split": opts.split if opts.hf_dataset else None,
+    }
 
 
 def holds_dataset(folder: Path) -> bool:

@@ -34,7 +34,7 @@ from trainer.data.prepare.append import NEW_PART, Parent, merge, options_for, re
 from trainer.data.prepare.clean import Counts, Document, clean_documents
 from trainer.data.prepare.encode import TokenizerPool
 from trainer.data.prepare.options import PrepareOptions, bpe_vocab_size, validate
-from trainer.data.prepare.output import check_out, commit, make_temp_dir
+from trainer.data.prepare.output import check_out, commit, common_stats, make_temp_dir
 from trainer.data.prepare.pack import choose_val_threshold, write_splits
 from trainer.data.prepare.sources import FileSource, HFSource, open_hf_dataset, resolve_inputs
 from trainer.data.prepare.tokenizer import TokenizerInfo, load_pretrained, save_tokenizer, train_bpe
@@ -220,18 +220,8 @@ def _prepare_into(
         "train_documents": split.train_documents,
         "val_documents": split.val_documents,
         "tokens_tokenized": total,
-        "tokens": (split.train_samples + split.val_samples) * opts.seq_len,
         "tokens_dropped_tail": split.tokens_dropped_tail,
-        "train_samples": split.train_samples,
-        "val_samples": split.val_samples,
-        "seq_len": opts.seq_len,
-        "vocab_size": info.vocab_size,
-        "eos_id": info.eos_id,
-        "dtype": info.dtype,
-        "tokenizer": opts.tokenizer,
-        "inputs": opts.inputs,
-        "hf_dataset": opts.hf_dataset,
-        "split": opts.split if opts.hf_dataset else None,
+        **common_stats(opts, info, split.train_samples, split.val_samples),
         "text_field": opts.text_field,
         "min_chars": opts.min_chars,
         "dedupe": opts.dedupe,
