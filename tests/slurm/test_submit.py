@@ -279,7 +279,9 @@ def runs(slurm_cluster, request) -> Module:
     slow_1_once = write_profile(root / "slow-1-node-once.yaml", 1, "00:05:00", slow_steps(0.25, 1))
     submit("scancel", str(slow_1_once), FSDP, driver=scancel_driver)
     submit("cap", str(slow_1), [*FSDP, "slurm.max_requeues=1"], driver=cap_driver)
-    slower_1 = write_profile(root / "slower-1-node.yaml", 1, "00:05:00", slow_steps(1.0))  # cancelled at ~step 3
+    slower_1 = write_profile(
+        root / "slower-1-node.yaml", 1, "00:05:00", slow_steps(1.0)
+    )  # cancelled at ~step 3
     submit("cancel", str(slower_1), FSDP, driver=cancel_driver)
     # The plain sbatch template, by hand: one node, preempted like the submitit job.
     template_env = f"ALL,PYTHONPATH={HOOKS},LLM_TEST_SLOW_STEPS=0.25:1,LLM_TRAIN_PYTHON={sys.executable}"
