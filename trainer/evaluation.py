@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from trainer.config import DataConfig, load_config
-from trainer.data.batches import IGNORE_INDEX
+from trainer.data.batches import target_count
 from trainer.data.loader import build_loader
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
@@ -32,7 +32,7 @@ def validation_loss(
     for batch in loader.iter_batches(batches):
         if "labels" in batch:
             losses.append(model(**model_inputs(batch, torch.ones(()))).loss.double())
-            targets.append((batch["labels"][:, 1:] != IGNORE_INDEX).sum().double())
+            targets.append(target_count(batch["labels"]))
         else:
             losses.append(model(**model_inputs(batch)).loss.double())
     stacked = torch.stack(losses)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trainer.data.batches import IGNORE_INDEX
+from trainer.data.batches import target_count
 from trainer.distributed import all_reduce_mean, all_reduce_sum
 from trainer.metrics import mfu
 from trainer.resilience.fault_injection import scaled_loss_if_chosen, step_faults
@@ -37,7 +37,7 @@ def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -
         batch = _to_device(batch, ctx.device)
         if "labels" in batch:
             losses.append(ctx.backend.eval_loss(batch, num_items=_ONE.to(ctx.device)).double())
-            targets.append(_target_count(batch))
+            targets.append(target_count(batch["labels"]))
         else:
             losses.append(ctx.backend.eval_loss(batch).double())
     if targets:
@@ -84,17 +84,12 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _target_count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The tokens a batch's loss is computed on (transformers shifts the labels by one)."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
-
-
 def _step_targets(ctx: LoopContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
     """None for text; for instruction data the step's response-token count over all ranks, divided by
     world size x accumulation (each micro batch's gradient is averaged over both)."""
     if "labels" not in micro_batches[0]:
         return None
-    count = all_reduce_sum(torch.stack([_target_count(batch) for batch in micro_batches]).sum())
+    count = all_reduce_sum(torch.stack([target_count(batch["labels"]) for batch in micro_batches]).sum())
     ctx.response_tokens = int(count)
     return (count / (ctx.plan.world_size * ctx.plan.grad_accum)).float()
 

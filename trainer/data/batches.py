@@ -11,7 +11,7 @@ from trainer.data.dataset_info import as_tokens
 IGNORE_INDEX = -100
 """The label that the loss skips (transformers' and torch's cross-entropy convention)."""
 
-__all__ = ["IGNORE_INDEX", "collate", "instruction_targets"]
+__all__ = ["IGNORE_INDEX", "collate", "instruction_targets", "target_count"]
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -53,3 +53,8 @@ def instruction_targets(
     labels[starts] = IGNORE_INDEX
     positions = np.arange(len(tokens), dtype=np.int64) - np.repeat(starts, lengths)
     return labels, positions
+
+
+def target_count(labels: Any) -> Any:
+    """The tokens a batch's loss is computed on (transformers shifts the labels by one), as a float64 tensor."""
+    return (labels[:, 1:] != IGNORE_INDEX).sum().double()
