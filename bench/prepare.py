@@ -9,7 +9,9 @@
 2. The loader's tokens/s reading the train split as LongTensor batches (8, seq_len), against a
    plain numpy memmap of the same tokens read the same way (target ratio >= 0.5). Each repeat runs
    the memmap baseline, then plain streaming and the trainer's loader with 0 and 2 DataLoader
-   workers; ratios are taken within a repeat, then their median is reported.
+   workers; with 2 workers the trainer's loader makes a second pass in the same, persistent
+   workers (`_second_pass`, what every later epoch and evaluation of a run costs). Ratios are taken
+   within a repeat, then their median is reported.
 
 Usage: .venv/bin/python bench/prepare.py [--workers 2] [--repeats 5] [--seq-len 256]
            [--loader-repeats 5] [--loader-only]
@@ -200,16 +202,35 @@ def _plain_streaming_rates(split: Path, num_workers: int) -> tuple[float, float,
     return _rates(torch.as_tensor(batch["tokens"]).long() for batch in loader)
 
 
-def _trainer_loader_rates(folder: Path, num_workers: int) -> tuple[float, float, float] | str:
+def _trainer_loader_rates(
+    folder: Path, num_workers: int, passes: int
+) -> list[tuple[float, float, float]] | str:
+    """Rates of `passes` passes of one loader: with workers, the first forks them and the later ones
+    reuse them (persistent workers), as later epochs and evaluations of a run do."""
     try:
         from trainer.config import DataConfig
         from trainer.data.loader import build_loader
 
         config = DataConfig(path=str(folder), num_workers=num_workers, shuffle=False)
         loader = build_loader(config, "train", BATCH, 0, shuffle=False)
-        return _rates(batch["input_ids"] for batch in loader.iter_batches())
+        return [_rates(batch["input_ids"] for batch in loader.iter_batches()) for _ in range(passes)]
     except Exception as error:  # noqa: BLE001 - another engineer's module may not be ready; say so
         return f"unavailable ({type(error).__name__}: {error})"
+
+
+def _loader_runs(folder: Path, workers: int) -> dict[str, tuple[float, float, float] | str]:
+    """One repeat's loader rates with `workers` DataLoader workers, by result key."""
+    runs: dict[str, tuple[float, float, float] | str] = {
+        f"streaming_dataloader_w{workers}": _plain_streaming_rates(folder / "train", workers)
+    }
+    passes = _trainer_loader_rates(folder, workers, 2 if workers else 1)
+    key = f"trainer_build_loader_w{workers}"
+    if isinstance(passes, str):
+        return {**runs, key: passes}
+    runs[key] = passes[0]
+    if workers:
+        runs[f"{key}_second_pass"] = passes[1]  # the same worker processes, kept from the first pass
+    return runs
 
 
 def bench_loader(work: Path, seq_len: int, repeats: int) -> dict[str, Any]:
@@ -228,14 +249,11 @@ def bench_loader(work: Path, seq_len: int, repeats: int) -> dict[str, Any]:
     for _ in range(repeats):  # alternate the baseline and the loaders, so that they share the noise
         memmap.append(_memmap_rate(flat, seq_len, stats["dtype"]))
         for workers in (0, 2):
-            for name, rates in (
-                ("streaming_dataloader", _plain_streaming_rates(folder / "train", workers)),
-                ("trainer_build_loader", _trainer_loader_rates(folder, workers)),
-            ):
+            for name, rates in _loader_runs(folder, workers).items():
                 if isinstance(rates, str):
-                    errors[f"{name}_w{workers}"] = rates
+                    errors[name] = rates
                 else:
-                    runs.setdefault(f"{name}_w{workers}", []).append((memmap[-1], rates))
+                    runs.setdefault(name, []).append((memmap[-1], rates))
     result: dict[str, Any] = {
         "train_samples": stats["train_samples"],
         "repeats": repeats,
@@ -247,7 +265,7 @@ def bench_loader(work: Path, seq_len: int, repeats: int) -> dict[str, Any]:
         result[f"{key}_tokens_per_s"] = round(median(r[0] for _, r in pairs))
         result[f"{key}_ratio_to_memmap"] = round(median(r[0] / m[0] for m, r in pairs), 4)
         result[f"{key}_after_first_batch_ratio_to_memmap"] = round(median(r[1] / m[0] for m, r in pairs), 4)
-        if key.endswith("_w0"):  # with workers the reading happens in other processes
+        if "_w0" in key:  # with workers the reading happens in other processes
             result[f"{key}_per_cpu_s_ratio_to_memmap"] = round(median(r[2] / m[1] for m, r in pairs), 4)
         result[f"{key}_per_repeat_ratio"] = [round(r[0] / m[0], 3) for m, r in pairs]
     return result

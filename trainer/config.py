@@ -59,7 +59,13 @@ class DataConfig:
     remote: str | None = None
     """Optional remote or shared MDS location (s3://, gs://, or a shared filesystem path)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank, for train and val each. They are started on the first batch and kept
+    for the whole run (across epochs and evaluations). 0 reads in the training process."""
+    prefetch_factor: int = 2
+    """Batches each DataLoader worker reads ahead. Used only with data.num_workers > 0."""
+    predownload_shards: int = 8
+    """With data.remote (or a stream's remote): how far ahead each worker downloads, in shards; turned into
+    samples (this x the most samples in one shard of the index) for streaming's `predownload`."""
     num_canonical_nodes: int = 1
     """Pinned so that the global sample order does not depend on the node count (resume on N nodes)."""
     shuffle: bool = True
@@ -74,7 +80,7 @@ class DataConfig:
     """Samples per epoch of a data.streams mixture; None: the streams' samples added up."""
 
     def problems(self) -> list[str]:
-        """What is wrong with the data.streams and data.epoch_size settings, one item per problem."""
+        """What is wrong with the data.streams, data.epoch_size and reading settings, one item per problem."""
         problems = [
             f"data.streams[{index}].proportion={stream.proportion} must be > 0 (remove the stream instead)"
             for index, stream in enumerate(self.streams)
@@ -84,6 +90,14 @@ class DataConfig:
         problems += [
             f"data.streams lists '{path}' twice; give each dataset once, with its whole proportion"
             for path in sorted({path for path in paths if paths.count(path) > 1})
+        ]
+        problems += [
+            f"{key}={value} must be >= 1"
+            for key, value in (
+                ("data.prefetch_factor", self.prefetch_factor),
+                ("data.predownload_shards", self.predownload_shards),
+            )
+            if value < 1
         ]
         if self.epoch_size is not None and not self.streams:
             problems.append("data.epoch_size needs data.streams; leave it unset for a single data.path")

@@ -85,7 +85,11 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     )  # fmt: skip
     backend = build_backend(config, source, plan, env)
     del source
-    loader_args = {"global_batch_size": plan.global_batch_size, "info": info}
+    loader_args = {
+        "global_batch_size": plan.global_batch_size,
+        "info": info,
+        "pin_memory": env.device.type == "cuda",
+    }
     train_loader = build_loader(config.data, "train", plan.micro_batch_size, config.run.seed, **loader_args)
     val_loader = None
     if config.eval.every_steps and info.val_samples == 0:

@@ -5,17 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from trainer.data.dataset_info import as_tokens
 
 IGNORE_INDEX = -100
 """The label that the loss skips (transformers' and torch's cross-entropy convention)."""
 
-__all__ = ["IGNORE_INDEX", "collate", "instruction_targets", "target_count"]
+__all__ = ["IGNORE_INDEX", "HostBatch", "collate", "instruction_targets", "target_count"]
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """The batch as int64 arrays; `TokenBatches` makes them tensors in the training process.
+class HostBatch(dict[str, np.ndarray]):
+    """A collated batch: int64 arrays by name, which the DataLoader can pin (`pin_memory=True`).
+
+    torch's pin-memory thread calls an object's own `pin_memory()` before it looks inside a
+    mapping, and leaves numpy arrays unpinned; this one makes each array a tensor in page-locked
+    memory, so that the step's `.to(device, non_blocking=True)` copies without a staging buffer.
+    """
+
+    def pin_memory(self) -> dict[str, torch.Tensor]:
+        return {name: torch.from_numpy(array).pin_memory() for name, array in self.items()}
+
+
+def collate(samples: list[dict[str, Any]]) -> HostBatch:
+    """The batch as int64 arrays; `TokenBatches` (or the pin-memory thread) makes them tensors.
 
     A DataLoader worker passes a numpy array through its result pipe, about 4x cheaper per batch
     than a tensor, which torch moves to a new shared-memory file and hands over as a descriptor.
@@ -28,13 +41,13 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             raise ValueError(f"a batch mixes samples of {tokens.shape[1]} and {len(row)} tokens")
         tokens[index] = row
     if "loss_mask" not in samples[0]:
-        return {"input_ids": tokens}
+        return HostBatch(input_ids=tokens)
     labels, positions = np.empty_like(tokens), np.empty_like(tokens)
     for index, sample in enumerate(samples):
         labels[index], positions[index] = instruction_targets(
             tokens[index], sample["loss_mask"], sample["doc_lengths"]
         )
-    return {"input_ids": tokens, "labels": labels, "position_ids": positions}
+    return HostBatch(input_ids=tokens, labels=labels, position_ids=positions)
 
 
 def instruction_targets(

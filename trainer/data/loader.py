@@ -20,6 +20,15 @@ rank 0 saves it once; it is streaming's own resume format and `load_state_dict` 
 Reading. `MappedDataset` (`trainer.data.mapped_dataset`) is streaming's dataset with the same order,
 resume and downloads, reading local shards through memory maps, about 30x faster than streaming's
 own reads.
+
+Workers. With `data.num_workers` > 0 both splits read in persistent DataLoader workers: torch's
+`iter(loader)` then resets the same worker processes instead of forking new ones, so an epoch
+change, an evaluation or a rollback (close the iterator, `load_state_dict`, iterate again) costs
+streaming's epoch set-up in the existing workers, not a fork each. Streaming deals the micro-batches
+of a rank round-robin over its workers, in the order the DataLoader collects them, so the batches
+do not depend on the worker count; the resume state and the next epoch live in streaming's shared
+memory, where running workers read them. `data.prefetch_factor` batches per worker are read ahead;
+on CUDA the batches are pinned (`HostBatch.pin_memory`) in the DataLoader's pin-memory thread.
 """
 
 from __future__ import annotations
@@ -59,6 +68,11 @@ def _as_user_error(split: str, error: Exception) -> UserError | None:
     return UserError(
         f"reading the {split} shards failed: {last_line}; re-run `llm-train prepare` or re-sync data.remote"
     )
+
+
+def _tensor(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch's array as a tensor; pinned batches are tensors already (`HostBatch.pin_memory`)."""
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else array  # as_tensor: 2.5 us more
 
 
 class TokenBatches:
@@ -154,7 +168,7 @@ class TokenBatches:
 
     def _next(self, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, torch.Tensor] | None:
         try:
-            return {name: torch.from_numpy(array) for name, array in next(batches).items()}
+            return {name: _tensor(array) for name, array in next(batches).items()}
         except StopIteration:
             return None
         except (RuntimeError, ValueError, OSError) as error:
@@ -167,8 +181,8 @@ class TokenBatches:
         """One pass from the start of the split, at most `limit` batches (evaluation).
 
         With shuffle off (the default for val) every call yields the same batches. Each call is a
-        new streaming epoch, so do not mix it with `iter()` on the same loader. A val loader reads
-        in this process (no workers), so that cutting a pass short never kills a worker mid-download.
+        new streaming epoch, so do not mix it with `iter()` on the same loader. Workers persist, so
+        cutting a pass short stops no worker (it would be killed mid-download otherwise).
         """
         batches = iter(self._loader)
         try:
@@ -218,8 +232,11 @@ class TokenBatches:
         if self._sample_in_epoch >= self._epoch_samples:  # saved as an epoch ended
             self._epoch, self._sample_in_epoch = self._epoch + 1, 0
         self._initial_physical_nodes = int(state.get("initial_physical_nodes") or self.num_nodes)
-        # Set on the main copy too: workers of later epochs are forked from it and do not see the
-        # resume state once it is stale.
+        # Set on the main copy too: workers forked from it later do not see the resume state once it
+        # is stale. Running workers hold the old copy (a mixture's weights depend on the seed), so a
+        # change of order replaces them; a rollback keeps the order and its workers.
+        if (canonical, seed) != (self._dataset.num_canonical_nodes, self._dataset.shuffle_seed):
+            self._stop_workers()
         self._dataset.num_canonical_nodes = canonical
         if seed != self._dataset.shuffle_seed:
             reseed_weights(self._dataset, seed)
@@ -228,6 +245,24 @@ class TokenBatches:
         # Streaming ignores a resume state older than the epoch it thinks comes next (a rollback rewinds).
         self._dataset.next_epoch = self._epoch
         self._dataset.load_state_dict(self.state_dict())
+
+    def _stop_workers(self) -> None:
+        """End the persistent workers, if any run; the next `iter()` starts new ones."""
+        workers = self._loader._iterator
+        if workers is not None:
+            workers._shutdown_workers()  # type: ignore[attr-defined]
+            self._loader._iterator = None
+
+
+def predownload(dataset: StreamingDataset, shards: int) -> int | None:
+    """Streaming's `predownload` (samples a worker downloads ahead) for `shards` shards, None without a remote.
+
+    Streaming counts it in samples of the worker's own sequence; the largest shard of a remote
+    stream in the index converts it, so at least `shards` shards' worth of samples is fetched ahead.
+    """
+    is_remote = np.array([stream.remote is not None for stream in dataset.streams])
+    remote_shards = dataset.samples_per_shard[is_remote[dataset.stream_per_shard]]
+    return shards * int(remote_shards.max()) if len(remote_shards) else None
 
 
 def _clean_stale_shared_memory_once() -> None:
@@ -251,13 +286,15 @@ def build_loader(
     shuffle: bool | None = None,
     global_batch_size: int | None = None,
     info: DatasetInfo | None = None,
+    pin_memory: bool = False,
 ) -> TokenBatches:
     """The loader of `split` ("train" or "val") for this rank (RANK/WORLD_SIZE/LOCAL_WORLD_SIZE from the env).
 
     `shuffle` defaults to `data.shuffle` for train and off otherwise. `global_batch_size` (sequences
     per optimizer step) sets where epochs end: after the last complete global batch, so that every
     layout of the same global batch sees the same samples per step; it defaults to one micro-batch
-    on every rank. All ranks must call this in the same order (streaming synchronises them).
+    on every rank. `pin_memory` (for a CUDA run) hands out batches in page-locked memory. All ranks
+    must call this in the same order (streaming synchronises them).
     """
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     num_nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -285,26 +322,33 @@ def build_loader(
         num_canonical_nodes=data.num_canonical_nodes,
         shuffle_block_size=data.shuffle_block_size,
     )
+    ahead = predownload(dataset, data.predownload_shards)
+    if ahead is not None:  # local data: streaming's default (8 micro-batches) for the rare threaded read
+        dataset.predownload = ahead
     for stream_id, stream in enumerate(dataset.streams):
         if stream.remote is not None:  # streaming checks hashes only of what it downloads, if told which
             hashes = dataset.shards[dataset.shard_offset_per_stream[stream_id]].hashes
             stream.validate_hash = next((name for name in ("xxh64", "sha1") if name in hashes), None)
+    workers = data.num_workers
     loader = StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
-        num_workers=data.num_workers if split == "train" else 0,
+        num_workers=workers,
         collate_fn=collate,
+        pin_memory=pin_memory,
         drop_last=split == "train",
-        persistent_workers=False,
+        persistent_workers=workers > 0,
+        prefetch_factor=data.prefetch_factor if workers else None,
     )
     logger.info(
-        "data %s: %d samples of %d tokens from %s, micro batch %d, %d workers",
+        "data %s: %d samples of %d tokens from %s, micro batch %d, %d workers%s",
         split,
         dataset.epoch_size,
         info.seq_len,
         describe(dataset.streams),
         micro_batch_size,
-        loader.num_workers,
+        workers,
+        "" if ahead is None else f", predownload {ahead} samples per worker",
     )
     return TokenBatches(
         dataset, loader, split, micro_batch_size, info.seq_len, global_batch_size, world_size, num_nodes
