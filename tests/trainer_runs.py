@@ -95,3 +95,25 @@ def run_to_completion(processes: list, timeout: float) -> list[int | None]:
         if process.is_alive():
             process.kill()
     return [process.exitcode for process in processes]
+
+
+RANK_HOOKS = str(Path(__file__).resolve().parent / "rank_hooks")
+
+
+def host_conversions(
+    run_dir: Path, data: Path, nproc: int, extra: list[str], steps: tuple[int, int]
+) -> dict[int, list[str]]:
+    """Train with the host-conversion counter of tests/rank_hooks/sitecustomize.py watching steps
+    `steps` (first, last; none of them may log, evaluate or save); returns each rank's conversions."""
+    prefix = run_dir.parent / f"{run_dir.name}-syncs"
+    hooks = {"PYTHONPATH": os.pathsep.join(filter(None, [RANK_HOOKS, os.environ.get("PYTHONPATH")])),
+             "LLM_TEST_HOST_SYNCS": f"{prefix}:{steps[0]}:{steps[1]}"}  # fmt: skip
+    saved = {name: os.environ.get(name) for name in hooks}
+    os.environ.update(hooks)
+    try:
+        train(run_dir, data, nproc=nproc, overrides=["log.every_steps=1000", *extra])
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+    reports = {rank: Path(f"{prefix}.rank{rank}.json") for rank in range(nproc)}
+    return {rank: json.loads(path.read_text())["conversions"] for rank, path in reports.items()}

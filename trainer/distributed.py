@@ -294,10 +294,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks in float64 (a no-op in a single process), on the tensor's device."""
     total = tensor.detach().double().clone()
     if dist.is_initialized() and dist.get_world_size() > 1:
-        on_nccl = dist.get_backend() == "nccl"
-        reduced = total.cuda() if on_nccl else total.cpu()
-        dist.all_reduce(reduced)
-        total = reduced.to(tensor.device)
+        needs = torch.device("cuda") if dist.get_backend() == "nccl" else torch.device("cpu")
+        if total.device.type == needs.type:
+            dist.all_reduce(total)  # in place, on the tensor's device: no copy, no wait for the host
+        else:
+            reduced = total.to(needs)
+            dist.all_reduce(reduced)
+            total = reduced.to(tensor.device)
     return total
 
 

@@ -20,6 +20,7 @@ from trainer.resilience.nonfinite import LossWatch, handle_bad_step
 from trainer.resilience.preemption import Preempted
 from trainer.resilience.stragglers import StragglerWatch
 from trainer.state import LoopContext, TrainState
+from trainer.step_report import StepReport
 
 log = logging.getLogger(__name__)
 
@@ -50,20 +51,21 @@ def evaluate(ctx: LoopContext, val_batches: Iterable[dict[str, torch.Tensor]]) -
 
 def train_step(
     ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]], step: int, batch_index: int
-) -> tuple[float, float]:
-    """One optimizer step over `grad_accum` micro batches; returns (loss averaged over ranks, grad norm).
+) -> StepReport:
+    """One optimizer step over `grad_accum` micro batches; returns its report, still on its way to the host.
 
-    Both backends apply no update when the gradient norm is not finite. Instruction batches hold
-    different numbers of response tokens: their count over the whole step (one all-reduce) divides each
-    micro batch's summed loss, so the step's loss and gradients are those of one mean over every
-    response token of the global batch, whatever the micro batch size and world size.
+    Nothing here waits for the device. Both backends apply no update when the gradient norm is not
+    finite. Instruction batches hold different numbers of response tokens: their count over the whole
+    step (one all-reduce) divides each micro batch's summed loss, so the step's loss and gradients are
+    those of one mean over every response token of the global batch, whatever the micro batch size and
+    world size.
     """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
     started = time.perf_counter()
     with ctx.clock.phase("data"):
         ctx.heartbeat.enter("data", step)
         micro_batches = [_to_device(next(batches), ctx.device) for _ in range(ctx.plan.grad_accum)]
-    num_items = _step_targets(ctx, micro_batches)
+    num_items, response_tokens = _step_targets(ctx, micro_batches)
     with scaled_loss_if_chosen(ctx.backend.module, batch_index):
         for micro, batch in enumerate(micro_batches):
             ctx.heartbeat.enter("forward/backward")
@@ -71,10 +73,20 @@ def train_step(
             loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
     ctx.heartbeat.step_busy(step, time.perf_counter() - started)
+    ctx.checkpoints.before_update()
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
-    ctx.heartbeat.enter("loss all-reduce")
-    return all_reduce_mean(loss / ctx.plan.grad_accum), grad_norm
+    ctx.heartbeat.enter("step report all-reduce")
+    received = ctx.stop_signals.received
+    return StepReport(
+        step,
+        batch_index,
+        loss / ctx.plan.grad_accum,
+        grad_norm,
+        received,
+        response_tokens,
+        ctx.plan.world_size,
+    )
 
 
 _ONE = torch.ones((), dtype=torch.float32)
@@ -84,14 +96,16 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
 
 
-def _step_targets(ctx: LoopContext, micro_batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
-    """None for text; for instruction data the step's response-token count over all ranks, divided by
-    world size x accumulation (each micro batch's gradient is averaged over both)."""
+def _step_targets(
+    ctx: LoopContext, micro_batches: list[dict[str, torch.Tensor]]
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(None, None) for text; for instruction data the divisor of each micro batch's summed loss (the
+    step's response-token count over all ranks, divided by world size x accumulation: each micro batch's
+    gradient is averaged over both) and that count, both left on the device."""
     if "labels" not in micro_batches[0]:
-        return None
+        return None, None
     count = all_reduce_sum(torch.stack([target_count(batch["labels"]) for batch in micro_batches]).sum())
-    ctx.response_tokens = int(count)
-    return (count / (ctx.plan.world_size * ctx.plan.grad_accum)).float()
+    return (count / (ctx.plan.world_size * ctx.plan.grad_accum)).float(), count
 
 
 def skip_listed_batches(ctx: LoopContext, state: TrainState, batches: Iterator[Any]) -> None:
@@ -108,6 +122,11 @@ def skip_listed_batches(ctx: LoopContext, state: TrainState, batches: Iterator[A
 def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loader: Any | None) -> TrainState:
     """Train from `state` to the last step, with evaluations and checkpoints on their schedules.
 
+    A step's report (loss, gradient norm, stop requests) is read one step later, when the device has
+    long finished it, unless this step logs, evaluates, saves, is the last, or `train.on_nonfinite=
+    skip_batch` must drop its batch before the next step (trainer/step_report.py). A bad step found a
+    step late has applied no update (non-finite) and is stopped on or rolled back all the same.
+
     Train mode is set here, at the start and after each evaluation, never inherited from how the model
     was made or loaded: a model in eval mode trains without dropout, and transformers recomputes
     activations (activation checkpointing) only in train mode, so it would silently keep them all.
@@ -123,33 +142,56 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     watch = LossWatch(cfg.train.loss_spike_factor, cfg.train.on_nonfinite)
     profiler = _step_profiler(ctx)
     stragglers = StragglerWatch(Path(cfg.run.dir), ctx.plan.world_size, cfg.parallel.straggler_factor)
+    unread: StepReport | None = None
     while state.step < last_step:
         skip_listed_batches(ctx, state, batches)
         step, step_start, lr = state.step + 1, time.perf_counter(), backend.lr
         if profiler is not None:
             profiler.before_step(step)
-        loss, grad_norm = train_step(ctx, batches, step, state.batches)
+        report = train_step(ctx, batches, step, state.batches)
         if profiler is not None:
             profiler.after_step(step)
         state.batches += 1
-        bad = watch.check(loss, grad_norm)
-        if bad is not None:
-            batches = handle_bad_step(ctx, state, bad, train_loader, batches)
-            if not bad.applied:
-                continue
+        stop_signal = None
+        if unread is not None:
+            earlier, unread = unread.read(), None
+            bad = watch.check(earlier.loss, earlier.grad_norm)
+            if bad is not None:
+                batches = handle_bad_step(ctx, state, bad, earlier, train_loader, batches)
+                if not bad.applied:
+                    continue  # rolled back: this step's work is gone with the rest
+            stop_signal = earlier.stop_signal
+        logs = step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps
+        evaluates = (
+            val_loader is not None
+            and cfg.eval.every_steps
+            and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps)
+        )
+        saves = ctx.checkpoints.due(step) or step == last_step
+        if logs or evaluates or saves or stop_signal or cfg.train.on_nonfinite == "skip_batch":
+            result = report.read()
+            bad = watch.check(result.loss, result.grad_norm)
+            if bad is not None:
+                batches = handle_bad_step(ctx, state, bad, result, train_loader, batches)
+                if not bad.applied:
+                    continue
+            stop_signal = stop_signal or result.stop_signal
+        else:
+            unread = report
+        backend.advance_schedule()
         state.step, state.tokens = step, state.tokens + tokens_per_step
         window_tokens += tokens_per_step
-        if step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+        if logs:
             ctx.heartbeat.beat()  # every rank: its step times, for the straggler summary of rank 0
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record = {
                 "step": step,
-                "loss": loss,
+                "loss": result.loss,
                 "lr": lr,
-                "grad_norm": grad_norm,
+                "grad_norm": result.grad_norm,
                 "tokens": state.tokens,
                 "tokens_per_s": round(tokens_per_s, 1),
-                **({"response_tokens": ctx.response_tokens} if ctx.response_tokens is not None else {}),
+                **({"response_tokens": result.response_tokens} if result.response_tokens is not None else {}),
                 "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), ctx.plan.world_size, ctx.peak_tflops),
                 "step_time_s": round(time.perf_counter() - step_start, 4),
                 "mem_gb": _memory_gb(ctx.device),
@@ -161,17 +203,11 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         elif progress is not None:
             progress.update(1)
         ctx.clock.step_done(step)
-        if (
-            val_loader is not None
-            and cfg.eval.every_steps
-            and (step % cfg.eval.every_steps == 0 or step == cfg.train.max_steps)
-        ):
+        if evaluates:
             with ctx.clock.phase("eval"):
                 ctx.metrics.write({"step": step, **evaluate(ctx, val_loader.iter_batches(cfg.eval.batches))})
             backend.train(True)
-        ctx.heartbeat.enter("stop-signal agreement")
-        stop_signal = ctx.stop_signals.agreed()
-        if ctx.checkpoints.due(step) or step == last_step or stop_signal:
+        if saves or stop_signal:
             blocking = step == last_step or stop_signal is not None
             with ctx.clock.phase("checkpoint"):
                 ctx.heartbeat.enter("checkpoint save")

@@ -54,5 +54,3 @@ class LoopContext:
     heartbeat: Heartbeat
     clock: GoodputClock
     rank: int = 0
-    response_tokens: int | None = None
-    """Instruction data: the response tokens of the last step's global batch (logged with its loss)."""

@@ -72,3 +72,54 @@ if _checksums:
         return _file_checksum(path)
 
     trainer.checkpoint.manifest.file_checksum = _observed_file_checksum
+
+# LLM_TEST_HOST_SYNCS=PREFIX:FIRST:LAST: each rank writes PREFIX.rankN.json listing every conversion of a
+# tensor to a host value (item, float, int, bool, cpu, tolist, numpy) made by the training thread from the
+# start of step FIRST to the start of step LAST + 1, with where it was made. The one read that is meant to
+# happen, StepReport.read of its host buffer (trainer/step_report.py), is left out. It observes only.
+_syncs = os.environ.get("LLM_TEST_HOST_SYNCS", "")
+if _syncs:
+    import json
+    import sys
+    import threading
+    import traceback
+    from pathlib import Path
+
+    import torch
+
+    import trainer.loop
+    from trainer.step_report import StepReport
+
+    _prefix_syncs, _first, _last = _syncs.rsplit(":", 2)
+    _window = {"open": False, "seen": []}
+    _main_thread = threading.main_thread()
+
+    def _where() -> str:
+        frames = [f for f in traceback.extract_stack()[:-2] if "sitecustomize" not in f.filename]
+        return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
+
+    def _counted(name: str, original):
+        def conversion(self, *args, **kwargs):
+            if _window["open"] and threading.current_thread() is _main_thread:
+                caller = sys._getframe(1).f_code
+                if not (name == "numpy" and caller is StepReport.read.__code__):
+                    _window["seen"].append(f"Tensor.{name}: {_where()}")
+            return original(self, *args, **kwargs)
+
+        return conversion
+
+    for _name in ("item", "__float__", "__int__", "__bool__", "cpu", "tolist", "numpy"):
+        setattr(torch.Tensor, _name, _counted(_name, getattr(torch.Tensor, _name)))
+
+    _step_before_syncs = trainer.loop.train_step
+
+    def _windowed_train_step(ctx, batches, step, batch_index):
+        if step == int(_first):
+            _window["open"] = True
+        elif step == int(_last) + 1 and _window["open"]:
+            _window["open"] = False
+            record = {"first": int(_first), "last": int(_last), "conversions": _window["seen"]}
+            Path(f"{_prefix_syncs}.rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))
+        return _step_before_syncs(ctx, batches, step, batch_index)
+
+    trainer.loop.train_step = _windowed_train_step

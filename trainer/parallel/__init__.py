@@ -29,11 +29,14 @@ class Backend(Protocol):
         """Forward and backward of one micro batch; returns its loss, detached: the mean over its targets,
         or with `num_items` their sum divided by it (see trainer/parallel/inputs.py)."""
 
-    def step(self) -> float:
-        """Clip, optimizer step, schedule step, zero the gradients; returns the gradient norm before clipping.
+    def step(self) -> torch.Tensor:
+        """Clip, optimizer step, zero the gradients; returns the gradient norm before clipping, on the device.
 
-        A non-finite norm applies no update and does not move the schedule (the gradients are dropped).
+        A non-finite norm applies no update (the gradients are dropped).
         """
+
+    def advance_schedule(self) -> None:
+        """Move the learning-rate schedule to the next step: the loop calls it after each step it counts."""
 
     def eval_loss(
         self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None

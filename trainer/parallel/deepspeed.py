@@ -123,10 +123,15 @@ class DeepSpeedBackend:
             self.engine.step()  # at a non-boundary micro batch the engine only accumulates
         return loss.detach().float()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """The engine's step (it skips non-finite gradients itself, and reads the norm on the host)."""
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        value = float(norm) if norm is not None else float("nan")
+        return torch.tensor(value, dtype=torch.float64, device=self.engine.device)
+
+    def advance_schedule(self) -> None:
+        """Nothing: the engine steps its schedule inside `step`, and not after an overflow."""
 
     @torch.no_grad()
     def eval_loss(

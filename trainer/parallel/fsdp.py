@@ -1,9 +1,14 @@
-"""FSDP2: `fully_shard` per transformer block and on the root, MixedPrecisionPolicy for bf16."""
+"""FSDP2: `fully_shard` per transformer block and on the root, MixedPrecisionPolicy for bf16.
+
+In a world of one process nothing is sharded, so the model is not wrapped at all (torchtitan does the
+same): FSDP2's hooks and DTensor parameters would cost a few percent of a small model's step for
+nothing. bf16 then runs under `torch.autocast`. The checkpoints are the same DCP folders either way, so
+a run resumes on any world size.
+"""
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -68,6 +75,8 @@ def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -
     slice, so no rank but 0 ever holds more than its shards and one parameter in full.
     """
     module.to_empty(device=device)
+    if not isinstance(module, FSDPModule):
+        module.tie_weights()  # `to_empty` gives each module its own tensor; FSDP's root unit keeps them one
     source.share_buffers(module)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(module, source.take_full_state(), options=options)
@@ -83,39 +92,60 @@ class FSDPBackend:
     def __init__(self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> None:
         meta = source.meta()
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
-        self.module = parallelize(meta, config.train.precision, env, config.train.compile, self.shard_size)
+        self.sharded = env.world_size > 1
+        if self.sharded:
+            self.module = parallelize(meta, config.train.precision, env, config.train.compile, self.shard_size)
+        else:
+            self.module = meta
+            if config.train.compile:
+                compile_blocks(meta)
         materialize(self.module, source, env.device)
         self.optimizer = build_optimizer(self.module, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train)
         self.grad_clip = config.train.grad_clip
         self.grad_accum = plan.grad_accum
+        autocast = config.train.precision == "bf16" and not self.sharded
+        self._autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": autocast}
+        self.module_device = env.device
+        self.async_writer = AsyncCheckpointerType.THREAD
+        """Who writes a background save's shards; a thread stalls training least (docs/checkpoints.md)."""
+        self._stager: DefaultStager | None = None
+        self._stager_shares = False
+        self.optimizer.register_step_pre_hook(self._staging_done)
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # Reduce-scatter gradients only once per optimizer step, on the last micro batch.
-        self.module.set_requires_gradient_sync(last_micro_batch)
-        loss = self.module(**model_inputs(batch, num_items)).loss
+        if self.sharded:  # reduce-scatter gradients only once per optimizer step, on the last micro batch
+            self.module.set_requires_gradient_sync(last_micro_batch)
+        with torch.autocast(**self._autocast):
+            loss = self.module(**model_inputs(batch, num_items)).loss
         (loss / self.grad_accum).backward()
         return loss.detach()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
+        """Like DeepSpeed, no update from NaN/inf gradients, decided on the device: the fused AdamW skips
+        every parameter's update (and keeps its step count) when `found_inf` is set, so the host never
+        has to read the norm before the next step."""
         params = [p for p in self.module.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        if torch.isfinite(norm):  # like DeepSpeed: no update (and no schedule step) from NaN/inf gradients
-            self.optimizer.step()
-            self.scheduler.step()
+        self.optimizer.found_inf = (~torch.isfinite(norm)).float()
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()
+
+    def advance_schedule(self) -> None:
+        self.scheduler.step()
 
     @torch.no_grad()
     def eval_loss(
         self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.module(**model_inputs(batch, num_items)).loss.detach()
+        with torch.autocast(**self._autocast):
+            return self.module(**model_inputs(batch, num_items)).loss.detach()
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -128,15 +158,60 @@ class FSDPBackend:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         return {"model": model_state, "optim": optim_state}
 
-    def save(self, step_dir: Path, async_group: Any = None) -> Future | None:
-        """Write model + optimizer shards; with `async_group`, in the background (returns the future)."""
+    def save(self, step_dir: Path, async_group: Any = None) -> AsyncSaveResponse | None:
+        """Write model + optimizer shards; with `async_group`, in the background.
+
+        In the background, the shards are first copied (staged) into host buffers by the stager's own thread,
+        then written by DCP's writer: the returned response's `staging_completion` says when the live
+        weights may change again (CheckpointManager.before_update waits for it), `upload_completion` when
+        the files are written.
+        """
         if dist.get_rank() == 0:
             atomic_write_text(step_dir / "scheduler.json", json.dumps(self.scheduler.state_dict()))
         state = self._dcp_state()
-        if async_group is not None:
-            return dcp.async_save(state, checkpoint_id=step_dir / "model", process_group=async_group)
-        dcp.save(state, checkpoint_id=step_dir / "model")
-        return None
+        if async_group is None:
+            dcp.save(state, checkpoint_id=step_dir / "model")
+            return None
+        response = dcp.async_save(
+            state,
+            checkpoint_id=step_dir / "model",
+            process_group=async_group,
+            async_checkpointer_type=self.async_writer,
+            async_stager=self._async_stager(),
+        )
+        if not isinstance(response, AsyncSaveResponse):  # only a stager without a background thread does this
+            raise TypeError(f"dcp.async_save returned {type(response).__name__}, not AsyncSaveResponse")
+        return response
+
+    def _async_stager(self) -> DefaultStager:
+        """One stager for the backend's life: it keeps the host copy of every shard (pinned where CUDA is
+        there) and refills the same buffers at each save, so only the first save allocates them."""
+        to_process = self.async_writer == AsyncCheckpointerType.PROCESS
+        if self._stager is not None and self._stager_shares != to_process:
+            self.close()  # the writer kind changed (bench/checkpoint.py measures both)
+        if self._stager is None:
+            cuda = self.module_device.type == "cuda"
+            options = StagingOptions(
+                use_pinned_memory=cuda,  # pinning needs CUDA; on CPU the stager would ignore it with a warning
+                use_shared_memory=to_process,  # a writer process then maps the buffers instead of a pickled copy
+                use_async_staging=True,  # copied by the stager's thread while training computes
+                use_non_blocking_copy=cuda,
+            )
+            self._stager, self._stager_shares = DefaultStager(options), to_process
+        return self._stager
+
+    def _staging_done(self, *_: Any) -> None:
+        """Before every optimizer step: a background save's copy of the state must be complete. The loop
+        waits for it already (CheckpointManager.before_update); this keeps a checkpoint consistent for any
+        other caller of `step`."""
+        if self._stager is not None:
+            self._stager.synchronize_staging()
+
+    def close(self) -> None:
+        """Free the staging buffers and the stager's thread (after the last background save)."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def load(self, step_dir: Path, saved_world_size: int) -> None:
         state = self._dcp_state()

@@ -1,9 +1,11 @@
 """What a bad step does to the run: a NaN/inf loss or gradient norm, or a loss spike.
 
 `train.on_nonfinite` = stop | skip_batch | rollback. Neither backend applies an update whose gradient
-norm is not finite (DeepSpeed treats it as an overflow, the FSDP backend checks the norm before
-stepping), so the weights are still those of the previous step when the loop sees a non-finite loss.
-Every rank sees the same all-reduced loss and global norm, so every rank takes the same decision.
+norm is not finite (DeepSpeed treats it as an overflow, the FSDP backend's fused AdamW skips it on the
+device), so the weights are still those of the previous step when the loop sees a non-finite loss.
+Every rank sees the same all-reduced loss and global norm, so every rank takes the same decision. The
+loop learns of a step one step late unless it must know at once (trainer/step_report.py); skip_batch
+always must, since the next step has to train on the next batch with the schedule unmoved.
 
 - stop: raise, naming the step and the global batch.
 - skip_batch: drop that global batch and retry the step with the next one (the schedule does not move).
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from trainer.state import LoopContext, TrainState
+    from trainer.step_report import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +78,11 @@ class LossWatch:
 
 
 def handle_bad_step(
-    ctx: LoopContext, state: TrainState, bad: BadStep, loader: Any, batches: Iterator[Any]
+    ctx: LoopContext, state: TrainState, bad: BadStep, result: StepResult, loader: Any, batches: Iterator[Any]
 ) -> Iterator[Any]:
-    """Apply train.on_nonfinite to the step that just went bad; returns the batch iterator to go on with."""
+    """Apply train.on_nonfinite to the step of `result`, found bad; returns the batch iterator to go on with."""
     train = ctx.config.train
-    step, batch = state.step + 1, state.batches - 1
+    step, batch = result.step, result.batch
     what = bad.describe(step, batch)
     if train.on_nonfinite == "stop":
         raise NonFiniteLossError(

@@ -1,8 +1,9 @@
 """Preemption and time limits: a signal becomes "finish this step, save, requeue, exit" on every rank.
 
 SLURM sends SIGUSR2 a lead time before the time limit (`--signal=USR2@LEAD`) and SIGTERM on
-preemption. Handlers only set a flag; the loop checks it between steps, and all ranks agree with one
-all-reduce, so every rank stops after the same step and a save is never interrupted by the signal.
+preemption. Handlers only set a flag; each step's report carries it in the step's one all-reduce
+(trainer/step_report.py), so every rank stops after the same step and a save is never interrupted by
+the signal.
 Rank 0 then requeues the SLURM job (trainer/resilience/requeue.py).
 """
 
@@ -12,10 +13,6 @@ import logging
 import signal
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
-from trainer.distributed import all_reduce_scalar
 from trainer.resilience.requeue import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -33,7 +30,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """Catches SIGUSR2/SIGTERM and tells every rank, at a step boundary, whether any rank got one.
+    """Catches SIGUSR2/SIGTERM; `received` is the signal number (0: none), read into each step's report.
 
     Under the SLURM supervisor the process starts with these signals blocked: one sent during start-up
     waits in the kernel and reaches the handler when it is installed here. After `restore` a signal whose
@@ -49,14 +46,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if not self.received:
             log.warning(
-                "received %s: stopping after this step with a checkpoint", signal.Signals(signum).name
+                "received %s: stopping with a checkpoint within two steps", signal.Signals(signum).name
             )
         self.received = signum
-
-    def agreed(self) -> str | None:
-        """The signal's name if any rank received one (a collective: every rank calls it each step)."""
-        value = int(all_reduce_scalar(self.received, torch.int64, op=dist.ReduceOp.MAX).item())
-        return signal.Signals(value).name if value else None
 
     def restore(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
