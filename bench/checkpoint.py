@@ -7,6 +7,12 @@ and non-tensor entries + DCP load), the same for torch.save/torch.load of the sa
 disk, their ratios (target >= 0.7), and for checkpoint.async=true the training stall as a fraction of the
 synchronous save time (target <= 0.1).
 
+The stall is what training waits for while a background save goes on: the time `save` blocks, plus the
+time `before_update` blocks after one real forward and backward of the model (one sequence of
+--train-tokens), which is the work that overlaps the staging copy in a run. It is measured for both
+writers DCP offers (a thread, a process); the forward/backward itself is not stall. The worst case, a
+`before_update` right after `save` with no computation to overlap, is printed too (thread writer).
+
 Usage: .venv/bin/python bench/checkpoint.py [--dir /work/bench-ckpt] [--size gpt2-124m] [--repeats 3]
 """
 
@@ -30,7 +36,10 @@ from trainer.config import batch_plan, load_config  # noqa: E402
 from trainer.distributed import init_distributed, teardown  # noqa: E402
 from trainer.models.build import ModelRecipe  # noqa: E402
 from trainer.parallel import model_source  # noqa: E402
-from trainer.parallel.fsdp import FSDPBackend  # noqa: E402
+from trainer.parallel.fsdp import AsyncCheckpointerType, FSDPBackend  # noqa: E402
+
+CONTEXT = 1024  # the model's context length (gpt2's)
+WRITERS = {"thread": AsyncCheckpointerType.THREAD, "process": AsyncCheckpointerType.PROCESS}
 
 
 class _DataPosition:
@@ -65,6 +74,23 @@ def finish_retention() -> None:
             thread.join()
 
 
+def async_stall(
+    manager: CheckpointManager, backend: FSDPBackend, step: int, data: _DataPosition, batch: dict | None
+) -> tuple[float, float]:
+    """(stall, forward/backward time) of one background save followed by one training step (`batch`), or
+    by the update alone (None: nothing overlaps the staging copy)."""
+    stall = timed(lambda: manager.save(step, {"step": step, "tokens": 0}, backend, data))
+    compute = 0.0
+    if batch is not None:
+        compute = timed(lambda: backend.forward_backward(batch, last_micro_batch=True))
+    stall += timed(manager.before_update)
+    if batch is not None:
+        backend.step()
+    manager.wait()
+    finish_retention()
+    return stall, compute
+
+
 def drop_page_cache() -> None:
     """Make loads read the disk, not memory, where the machine allows it (root on Linux)."""
     os.sync()
@@ -81,6 +107,7 @@ def main() -> None:
     parser.add_argument("--dir", default="/var/tmp/llm-training-bench-ckpt")
     parser.add_argument("--size", default="gpt2-124m")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--train-tokens", type=int, default=256, help="the training step's sequence length")
     args = parser.parse_args()
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -89,9 +116,10 @@ def main() -> None:
     overrides = [f"run.dir={root / 'run'}", "data.path=unused", f"model.size={args.size}", "train.precision=fp32",
                  "train.global_batch_size=1", "train.micro_batch_size=1", "checkpoint.keep_last=1"]  # fmt: skip
     config = load_config("tiny", overrides)
-    source = model_source(ModelRecipe(config.model, 50257, 1024, "sdpa", seed=0), env)
+    source = model_source(ModelRecipe(config.model, 50257, CONTEXT, "sdpa", seed=0), env)
     backend = FSDPBackend(config, source, batch_plan(config.train, 1), env)
     batch = {"input_ids": torch.randint(0, 50257, (1, 64))}
+    train_batch = {"input_ids": torch.randint(0, 50257, (1, args.train_tokens))}
     backend.forward_backward(batch, last_micro_batch=True)
     backend.step()  # materialises the AdamW moments
     size_gb = state_bytes(backend) / 1e9
@@ -102,10 +130,19 @@ def main() -> None:
         return {"model": backend.module.state_dict(), "optim": backend.optimizer.state_dict()}
 
     results: dict[str, list[float]] = {
-        k: [] for k in ("save", "plain_save", "load", "plain_load", "async_stall")
+        k: []
+        for k in (
+            "save",
+            "plain_save",
+            "load",
+            "plain_load",
+            "compute",
+            "stall_alone",
+            *(f"stall_{w}" for w in WRITERS),
+        )
     }
     for repeat in range(args.repeats):
-        step = repeat + 1
+        step = 10 * repeat + 1  # the synchronous save; then one async save per writer, and the worst case
         results["save"].append(
             timed(lambda step=step: manager.save(step, {"step": step, "tokens": 0}, backend, data))
         )
@@ -117,11 +154,13 @@ def main() -> None:
         drop_page_cache()
         results["plain_load"].append(timed(lambda: torch.load(plain_file, weights_only=False)))
         manager.config.checkpoint.async_save = True
-        results["async_stall"].append(
-            timed(lambda step=step: manager.save(100 + step, {"step": step, "tokens": 0}, backend, data))
-        )
-        manager.wait()
-        finish_retention()
+        for index, (name, writer) in enumerate(WRITERS.items()):
+            backend.async_writer = writer
+            stall, compute = async_stall(manager, backend, step + index + 1, data, train_batch)
+            results[f"stall_{name}"].append(stall)
+            results["compute"].append(compute)
+        backend.async_writer = WRITERS["thread"]
+        results["stall_alone"].append(async_stall(manager, backend, step + len(WRITERS) + 1, data, None)[0])
         manager.config.checkpoint.async_save = False
     median = {key: statistics.median(values) for key, values in results.items()}
     print(
@@ -131,8 +170,15 @@ def main() -> None:
           f"   ratio {median['plain_save'] / median['save']:.2f} (target >= 0.7)")  # fmt: skip
     print(f"load  llm-train {size_gb / median['load']:.2f} GB/s   torch.load {size_gb / median['plain_load']:.2f} GB/s"
           f"   ratio {median['plain_load'] / median['load']:.2f} (target >= 0.7)")  # fmt: skip
-    print(f"async save stall {median['async_stall']:.2f} s = {median['async_stall'] / median['save']:.2f} of a synchronous save"
-          " (target <= 0.1)")  # fmt: skip
+    print(f"one training forward/backward (1 x {args.train_tokens} tokens) {median['compute']:.2f} s")
+    for name in WRITERS:
+        stall = median[f"stall_{name}"]
+        print(f"async save, {name} writer: stall {stall:.3f} s = {stall / median['save']:.3f} of a synchronous save"
+              " (target <= 0.1)")  # fmt: skip
+    alone = median["stall_alone"]
+    print(f"async save, thread writer, nothing to overlap: stall {alone:.3f} s = {alone / median['save']:.3f}"
+          " of a synchronous save")  # fmt: skip
+    backend.close()
     teardown()
     shutil.rmtree(root, ignore_errors=True)
 

@@ -221,7 +221,11 @@ class CheckpointConfig:
     """Complete checkpoints to keep; the newest complete one is never deleted."""
     # `async` is a Python keyword; the YAML key is `async`, mapped in `_rename_keywords`.
     async_save: bool = False
-    """YAML key `checkpoint.async`: write FSDP shards in the background while training goes on."""
+    """YAML key `checkpoint.async`: FSDP saves in the background while training goes on. The state is copied
+    into host buffers allocated once per run (a second copy of the weights and optimizer state in host memory;
+    pinned on CUDA) while the next step computes, and written by a background thread; only the next optimizer
+    update waits for the copy. `latest` and the manifest follow once the files are durable; the final save
+    and a save on a stop signal stay synchronous. DeepSpeed saves are always synchronous (docs/checkpoints.md)."""
     resume: str = "auto"
     """auto (newest valid checkpoint in run.dir) | none | a checkpoint folder (or a run folder: its newest)."""
     load: str = "full"

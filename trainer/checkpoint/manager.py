@@ -22,6 +22,7 @@ behind what other nodes wrote (attribute and directory caches differ between nod
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import logging
@@ -79,6 +80,8 @@ class CheckpointManager:
         self.env = env
         self.root = Path(config.run.dir) / "checkpoints"
         self._pending: threading.Thread | None = None
+        self._staging: Future | None = None
+        """A background save's copy of the live state into host buffers; the weights must not change before it is done."""
         self._pending_error: BaseException | None = None
         self._async_group = None
         self.run = RunCheckpoints(config, env, self.root)
@@ -106,6 +109,7 @@ class CheckpointManager:
 
     def load(self, point: ResumePoint, backend: Any, loader: Any) -> dict[str, Any]:
         """Restore backend shards, RNG streams and the data position; returns the train state dict."""
+        self.wait()  # a background save still reading the weights must finish before they are replaced
         manifest = point.manifest
         if manifest["backend"] != backend.name:
             raise UserError(
@@ -186,7 +190,9 @@ class CheckpointManager:
         future = None
         written = [f"rng/rank{self.env.rank:05d}.pt"]  # this rank's own files, besides the backend's
         try:
-            future = backend.save(step_dir, self._checkpoint_group() if use_async else None)
+            self._staging, future = _split(
+                backend.save(step_dir, self._checkpoint_group() if use_async else None)
+            )
             torch.save(rng_state(), step_dir / written[0])
             if self.env.is_main:
                 state = {**train_state, "world_size": self.env.world_size, "data": loader.state_dict()}
@@ -213,8 +219,23 @@ class CheckpointManager:
             log.info("checkpoint step %d: training resumes after %.2f s, shards written in the background",
                      step, time.perf_counter() - started)  # fmt: skip
 
+    def before_update(self) -> None:
+        """Block until a background save has its copy of the state; call it before every optimizer step.
+
+        The copy (staging) runs while the next step's forward and backward compute; only the update may
+        not start before it is done. A no-op without a background save. A background save that has
+        already failed raises here, in the training thread.
+        """
+        if self._staging is not None:
+            # A failed copy fails the write too: wait() raises it, here or at the next save.
+            concurrent.futures.wait([self._staging])
+            self._staging = None
+        if self._pending is not None and not self._pending.is_alive():
+            self.wait()
+
     def wait(self) -> None:
         """Block until a background save has finished (its manifest written or its failure raised)."""
+        self._staging = None  # the write needs the staged copy: once it is done, so is staging
         if self._pending is not None:
             self._pending.join()
             self._pending = None
@@ -374,6 +395,14 @@ class CheckpointWriteError(UserError):
 
 class IncompleteReportError(RuntimeError):
     """The ranks' reports miss a file the backend wrote: no manifest is written for that step."""
+
+
+def _split(result: Any) -> tuple[Future | None, Future | None]:
+    """A backend save's (staging, write) futures: None (written already), a future of the write (the
+    state was copied before it returned), or DCP's AsyncSaveResponse (copied in the background too)."""
+    if result is None or isinstance(result, Future):
+        return None, result
+    return result.staging_completion, result.upload_completion
 
 
 def _first_line(error: BaseException, rank: int = 0) -> str:
