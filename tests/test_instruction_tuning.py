@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from trainer_runs import by_step, read_metrics, train
+from trainer_runs import by_step, host_conversions, read_metrics, train
 
 from launcher.cli import main as cli_main
 from trainer.config import DataConfig, load_config
@@ -273,3 +273,16 @@ def test_chat_records_from_a_hugging_face_dataset(demo_dataset, tmp_path):
     stats = run_prepare(options)
     assert stats["records"] == 20 and stats["kept_records"] + sum(stats["bad_records"].values()) == 20
     assert stats["kept_records"] >= 18 and stats["hf_dataset"] == str(tmp_path / "hf")
+
+
+def test_instruction_steps_that_do_not_log_read_nothing_from_the_device(chat_data, tmp_path):
+    """The response-token count (the loss's divisor, all-reduced before the forward) stays on the device
+    too: two ranks, accumulation 2, steps 2-11 convert no tensor to a host value."""
+    _, data, _ = chat_data
+    extra = [
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.max_steps=12",
+        "checkpoint.every_steps=100",
+    ]
+    assert host_conversions(tmp_path / "run", data, 2, extra, steps=(2, 11)) == {0: [], 1: []}
