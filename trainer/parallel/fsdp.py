@@ -94,7 +94,9 @@ class FSDPBackend:
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
         self.sharded = env.world_size > 1
         if self.sharded:
-            self.module = parallelize(meta, config.train.precision, env, config.train.compile, self.shard_size)
+            self.module = parallelize(
+                meta, config.train.precision, env, config.train.compile, self.shard_size
+            )
         else:
             self.module = meta
             if config.train.compile:
