@@ -3,7 +3,7 @@
 LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep after step STEP's shards are written, before its manifest
 LLM_TRAIN_TEST_NAN_AT_BATCH="K[,K...]"        the loss of global batch K (0-based draw order) becomes NaN
 LLM_TRAIN_TEST_SPIKE_AT_BATCH="K:FACTOR"     the loss of global batch K is multiplied by FACTOR (a loss spike)
-LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's loss all-reduce
+LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's optimizer update
 LLM_TRAIN_TEST_ABORT="RANK:STEP[:ALLOCS]"     rank RANK calls os.abort() (SIGABRT, what NCCL's watchdog does) at
                                               step STEP, in the first ALLOCS SLURM allocations (default 1)
 LLM_TRAIN_TEST_USER_ERROR="RANK:STEP"         rank RANK raises a UserError (exit 2) at step STEP

@@ -3,7 +3,7 @@
 A collective that fails says little: gloo reports a closed socket or a timeout, NCCL a watchdog timeout,
 neither says which rank went missing. So every rank runs a daemon thread that writes
 RUN_DIR/heartbeats/rankNNNNN.json every `interval_s` seconds: its phase ("forward/backward",
-"loss all-reduce", "checkpoint save", ...), the step, since when, its pid and host. The training
+"step report all-reduce", "checkpoint save", ...), the step, since when, its pid and host. The training
 thread only sets attributes when the phase changes. When a collective fails, `diagnose` reads the
 others' files: a rank whose heartbeat stopped is lost (killed, crashed, node down); a rank still beating
 but not where this one is (an earlier phase or step) is the one that stalled.
