@@ -11,6 +11,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _raise_open_file_limit(wanted: int = 65536) -> None:
+    """The suite builds hundreds of loaders in this one process, and streaming keeps a few shared-memory
+    handles of each until the process exits (about 12 a loader; a training run's loaders hold theirs for
+    the run, and its epochs and evaluations add none). So the session, not any run, can pass the
+    usual 20,000 open files: raise the limit where we may."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for limit in ((wanted, max(hard, wanted)), (max(soft, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+            return
+        except (ValueError, OSError):
+            continue
+
+
+_raise_open_file_limit()
+
+
 import json  # noqa: E402
 import sysconfig  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
