@@ -11,23 +11,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _raise_open_file_limit(wanted: int = 65536) -> None:
-    """The suite builds hundreds of loaders in this one process, and streaming keeps a few shared-memory
-    handles of each until the process exits (about 12 a loader; a training run's loaders hold theirs for
-    the run, and its epochs and evaluations add none). So the session, not any run, can pass the
-    usual 20,000 open files: raise the limit where we may."""
-    import resource
+def _streaming_cleanup_without_holding_memory() -> None:
+    """streaming registers an atexit handler per shared-memory block, which keeps every block (and its
+    open file) alive until the process exits. A training rank builds a few loaders and exits; this test
+    session builds hundreds in one process and would pass its open-file limit. Here the handler holds the
+    block weakly: a block whose dataset is gone is closed at once (its /dev/shm file is removed by the
+    stale-group cleanup, trainer/data/shm_cleanup.py), a live one is still cleaned up at exit."""
+    import atexit
+    import weakref
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    for limit in ((wanted, max(hard, wanted)), (max(soft, hard), hard)):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, limit)
-            return
-        except (ValueError, OSError):
-            continue
+    from streaming.base.shared import memory
+
+    original_init = memory.SharedMemory.__init__
+
+    def init(self, *args, auto_cleanup: bool = True, **kwargs) -> None:
+        original_init(self, *args, auto_cleanup=False, **kwargs)
+        if auto_cleanup:
+            block = weakref.ref(self)
+            atexit.register(lambda: (live := block()) is not None and live.cleanup())
+
+    memory.SharedMemory.__init__ = init
 
 
-_raise_open_file_limit()
+_streaming_cleanup_without_holding_memory()
 
 
 import json  # noqa: E402
