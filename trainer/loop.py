@@ -20,7 +20,7 @@ from trainer.resilience.nonfinite import LossWatch, handle_bad_step
 from trainer.resilience.preemption import Preempted
 from trainer.resilience.stragglers import StragglerWatch
 from trainer.state import LoopContext, TrainState
-from trainer.step_report import StepReport
+from trainer.step_report import StepReport, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -154,12 +154,10 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         state.batches += 1
         stop_signal = None
         if unread is not None:
-            earlier, unread = unread.read(), None
-            bad = watch.check(earlier.loss, earlier.grad_norm)
-            if bad is not None:
-                batches = handle_bad_step(ctx, state, bad, earlier, train_loader, batches)
-                if not bad.applied:
-                    continue  # rolled back: this step's work is gone with the rest
+            earlier, batches, stands = _settle(ctx, state, watch, unread, train_loader, batches)
+            unread = None
+            if not stands:
+                continue  # rolled back: this step's work is gone with the rest
             stop_signal = earlier.stop_signal
         logs = step == 1 or step % cfg.log.every_steps == 0 or step == cfg.train.max_steps
         evaluates = (
@@ -169,12 +167,9 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         )
         saves = ctx.checkpoints.due(step) or step == last_step
         if logs or evaluates or saves or stop_signal or cfg.train.on_nonfinite == "skip_batch":
-            result = report.read()
-            bad = watch.check(result.loss, result.grad_norm)
-            if bad is not None:
-                batches = handle_bad_step(ctx, state, bad, result, train_loader, batches)
-                if not bad.applied:
-                    continue
+            result, batches, stands = _settle(ctx, state, watch, report, train_loader, batches)
+            if not stands:
+                continue
             stop_signal = stop_signal or result.stop_signal
         else:
             unread = report
@@ -223,6 +218,23 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     if progress is not None:
         progress.close()
     return state
+
+
+def _settle(
+    ctx: LoopContext,
+    state: TrainState,
+    watch: LossWatch,
+    report: StepReport,
+    loader: Any,
+    batches: Iterator[Any],
+) -> tuple[StepResult, Iterator[Any], bool]:
+    """Read `report` and apply train.on_nonfinite if its step went bad: (its result, the batch iterator
+    to go on with, whether the step stands; not when its batch was dropped or the run rolled back)."""
+    result = report.read()
+    bad = watch.check(result.loss, result.grad_norm)
+    if bad is None:
+        return result, batches, True
+    return result, handle_bad_step(ctx, state, bad, result, loader, batches), bad.applied
 
 
 def _step_profiler(ctx: LoopContext) -> Any:

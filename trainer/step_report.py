@@ -15,8 +15,8 @@ import signal
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from trainer.distributed import all_reduce_sum
 from trainer.resilience.requeue import STOP_SIGNALS
 
 _STOP_SLOTS = sorted(int(sig) for sig in STOP_SIGNALS)
@@ -53,9 +53,7 @@ class StepReport:
         self.has_tokens = response_tokens is not None
         device = loss_sum.device
         stops = [1.0 if stop_received == slot else 0.0 for slot in _STOP_SLOTS]
-        reduced = torch.cat([loss_sum.double().reshape(1), _to_device(stops, device)])
-        if dist.is_initialized() and world_size > 1:
-            dist.all_reduce(reduced)
+        reduced = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), _to_device(stops, device)]))
         parts = [reduced, grad_norm.detach().double().reshape(1)]
         if response_tokens is not None:
             parts.append(response_tokens.double().reshape(1))

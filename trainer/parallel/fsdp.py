@@ -113,7 +113,6 @@ class FSDPBackend:
         """Who writes a background save's shards; a thread stalls training least (docs/checkpoints.md)."""
         self._stager: DefaultStager | None = None
         self._stager_shares = False
-        self.optimizer.register_step_pre_hook(self._staging_done)
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
@@ -201,13 +200,6 @@ class FSDPBackend:
             )
             self._stager, self._stager_shares = DefaultStager(options), to_process
         return self._stager
-
-    def _staging_done(self, *_: Any) -> None:
-        """Before every optimizer step: a background save's copy of the state must be complete. The loop
-        waits for it already (CheckpointManager.before_update); this keeps a checkpoint consistent for any
-        other caller of `step`."""
-        if self._stager is not None:
-            self._stager.synchronize_staging()
 
     def close(self) -> None:
         """Free the staging buffers and the stager's thread (after the last background save)."""
