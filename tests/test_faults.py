@@ -29,7 +29,12 @@ from trainer_runs import (
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
-from trainer.resilience.fault_injection import NAN_AT_BATCH_ENV, SPIKE_AT_BATCH_ENV, STALL_ENV
+from trainer.resilience.fault_injection import (
+    NAN_AT_BATCH_ENV,
+    SLEEP_IN_SAVE_ENV,
+    SPIKE_AT_BATCH_ENV,
+    STALL_ENV,
+)
 
 TIMEOUT_S = 20
 STALL_TIMEOUT_S = 12  # waited out in full by the stall test
@@ -155,8 +160,16 @@ def small_disk(tmp_path):
     ids=["fsdp", "fsdp-async", "deepspeed"],
 )
 def test_disk_full_mid_save_keeps_the_previous_checkpoint(
-    backend, extra, then_resume, small_disk, demo_dataset, capfd
+    backend, extra, then_resume, small_disk, demo_dataset, capfd, monkeypatch
 ):
+    """With checkpoint.async the write fails in the background, and the ranks learn it at different
+    moments: here the failed write takes 1 s more to report and rank 1 is held 3 s before step 7's
+    update, so rank 1 knows at step 7 and rank 0 not yet. Every rank must still stop at the same step
+    with the same message (a rank stopping alone leaves the other waiting in the step's collectives,
+    and the launcher reports a lost rank instead)."""
+    if extra:
+        monkeypatch.setenv(SLEEP_IN_SAVE_ENV, "6:1")
+        monkeypatch.setenv(STALL_ENV, "1:7:3")
     run_dir = small_disk
     args = [f"run.dir={run_dir}", f"data.path={demo_dataset.path}", *BASE_OVERRIDES, "train.max_steps=8",
             "checkpoint.every_steps=3", "checkpoint.keep_last=1", f"parallel.backend={backend}",
@@ -164,7 +177,7 @@ def test_disk_full_mid_save_keeps_the_previous_checkpoint(
     code = cli_main(["train", "tiny", *args, "--nproc", "2"])
     err = capfd.readouterr().err
     assert code == 2, err
-    message = next(line for line in err.splitlines() if "could not be written" in line)
+    message = next((line for line in err.splitlines() if "could not be written" in line), err)
     assert f"checkpoint step 6 could not be written to {run_dir / 'checkpoints' / 'step_00000006'}" in message
     assert "MiB free there" in message and "step_00000003 stays the newest complete checkpoint" in message
     assert not (run_dir / "checkpoints" / "step_00000006").exists()

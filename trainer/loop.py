@@ -84,6 +84,7 @@ def train_step(
         loss / ctx.plan.grad_accum,
         grad_norm,
         received,
+        ctx.checkpoints.failed_in_background,
         response_tokens,
         ctx.plan.world_size,
     )
@@ -229,8 +230,11 @@ def _settle(
     batches: Iterator[Any],
 ) -> tuple[StepResult, Iterator[Any], bool]:
     """Read `report` and apply train.on_nonfinite if its step went bad: (its result, the batch iterator
-    to go on with, whether the step stands; not when its batch was dropped or the run rolled back)."""
+    to go on with, whether the step stands; not when its batch was dropped or the run rolled back).
+    A background checkpoint write that failed on any rank stops every rank here, at the same step."""
     result = report.read()
+    if result.save_failed:
+        ctx.checkpoints.wait()  # raises the write's error, the same on every rank
     bad = watch.check(result.loss, result.grad_norm)
     if bad is None:
         return result, batches, True

@@ -2,8 +2,8 @@
 
 A step leaves its summed loss and gradient norm on the device. Reading them at once (`.item()`) would
 make the host wait for the whole step, and on a GPU every such wait leaves the device idle while the
-host prepares the next step. So the loss, this rank's stop request and (instruction data) the response
-tokens travel in ONE all-reduce, and the result is copied to host memory without blocking (pinned
+host prepares the next step. So the loss, this rank's stop request, whether its background checkpoint
+write has failed and (instruction data) the response tokens travel in ONE all-reduce, and the result is copied to host memory without blocking (pinned
 memory and an event on CUDA). The loop reads a step's report one step later, when its work has long
 finished, or at once where it must know (logging, evaluation, checkpoint, the last step,
 `train.on_nonfinite=skip_batch`). Every rank reads the same reduced values, so every rank decides alike.
@@ -33,6 +33,9 @@ class StepResult:
     grad_norm: float
     stop_signal: str | None
     """The name of a stop signal any rank received by the end of the step, else None."""
+    save_failed: bool
+    """Some rank's background checkpoint write had failed by the end of the step. Each rank learns that
+    at its own moment; acting on the reduced flag makes every rank stop at the same step."""
     response_tokens: int | None
 
 
@@ -46,14 +49,15 @@ class StepReport:
         loss_sum: torch.Tensor,
         grad_norm: torch.Tensor,
         stop_received: int,
+        save_failed: bool,
         response_tokens: torch.Tensor | None,
         world_size: int,
     ) -> None:
         self.step, self.batch, self.world_size = step, batch, world_size
         self.has_tokens = response_tokens is not None
         device = loss_sum.device
-        stops = [1.0 if stop_received == slot else 0.0 for slot in _STOP_SLOTS]
-        reduced = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), _to_device(stops, device)]))
+        flags = [1.0 if stop_received == slot else 0.0 for slot in _STOP_SLOTS] + [float(save_failed)]
+        reduced = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), _to_device(flags, device)]))
         parts = [reduced, grad_norm.detach().double().reshape(1)]
         if response_tokens is not None:
             parts.append(response_tokens.double().reshape(1))
@@ -76,7 +80,9 @@ class StepReport:
         if self._copied is not None:
             self._copied.synchronize()
         values = self._host.numpy().tolist()  # host memory: no device is involved any more
-        loss_sum, stops, grad_norm = values[0], values[1 : 1 + len(_STOP_SLOTS)], values[1 + len(_STOP_SLOTS)]
+        slots = len(_STOP_SLOTS)
+        loss_sum, stops, save_failed = values[0], values[1 : 1 + slots], values[1 + slots]
+        grad_norm = values[2 + slots]
         received = [slot for slot, count in zip(_STOP_SLOTS, stops, strict=True) if count > 0]
         return StepResult(
             step=self.step,
@@ -84,6 +90,7 @@ class StepReport:
             loss=loss_sum / self.world_size,
             grad_norm=grad_norm,
             stop_signal=signal.Signals(max(received)).name if received else None,
+            save_failed=save_failed > 0,
             response_tokens=round(values[-1]) if self.has_tokens else None,
         )
 

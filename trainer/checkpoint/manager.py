@@ -223,15 +223,19 @@ class CheckpointManager:
         """Block until a background save has its copy of the state; call it before every optimizer step.
 
         The copy (staging) runs while the next step's forward and backward compute; only the update may
-        not start before it is done. A no-op without a background save. A background save that has
-        already failed raises here, in the training thread.
+        not start before it is done. A no-op without a background save. A failed copy fails the write
+        too; that failure is raised by `wait()`, never here: ranks learn it at different moments, and
+        one rank raising alone would leave the others waiting in the step's collectives.
         """
         if self._staging is not None:
-            # A failed copy fails the write too: wait() raises it, here or at the next save.
             concurrent.futures.wait([self._staging])
             self._staging = None
-        if self._pending is not None and not self._pending.is_alive():
-            self.wait()
+
+    @property
+    def failed_in_background(self) -> bool:
+        """This rank's background save has ended with an error (`wait()` raises it)."""
+        pending = self._pending
+        return pending is not None and not pending.is_alive() and self._pending_error is not None
 
     def wait(self) -> None:
         """Block until a background save has finished (its manifest written or its failure raised)."""
@@ -313,8 +317,8 @@ class CheckpointManager:
                 future.result()
             except (Exception, CheckpointException) as error:
                 failure = error
-        self._agree(step, step_dir, failure, group)
         sleep_in_save(step)
+        self._agree(step, step_dir, failure, group)
         mine: dict[str, Any] = {}
         try:
             mine = describe_files(step_dir, written + self._backend_files(backend, step_dir), durable=True)

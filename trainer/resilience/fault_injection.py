@@ -1,6 +1,6 @@
 """Faults on demand, for tests of what the trainer does when things break. Inert unless the variable is set.
 
-LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep after step STEP's shards are written, before its manifest
+LLM_TRAIN_TEST_SLEEP_IN_SAVE="STEP:SECONDS"   sleep once step STEP's shards are written (or failed), before its manifest
 LLM_TRAIN_TEST_NAN_AT_BATCH="K[,K...]"        the loss of global batch K (0-based draw order) becomes NaN
 LLM_TRAIN_TEST_SPIKE_AT_BATCH="K:FACTOR"     the loss of global batch K is multiplied by FACTOR (a loss spike)
 LLM_TRAIN_TEST_STALL="RANK:STEP:SECONDS"      rank RANK stalls before step STEP's optimizer update
