@@ -31,7 +31,6 @@ import threading
 import time
 from concurrent.futures import Future
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,36 +39,26 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.atomic import atomic_write_bytes, atomic_write_text, fsync_path
-from trainer.checkpoint.dcp_read import METADATA, check_plain_data, data_files, read_metadata
+from trainer.checkpoint.dcp_read import check_plain_data
 from trainer.checkpoint.manifest import MANIFEST, describe_files, read_manifest
 from trainer.checkpoint.resume import RunCheckpoints
 from trainer.checkpoint.retention import retain
 from trainer.checkpoint.rng import load_rng_file, rng_state, set_rng_state
-from trainer.checkpoint.steps import (
-    LATEST,
-    ResumePoint,
-    step_dir_name,
+from trainer.checkpoint.step_contents import (
+    MODEL_CONFIG,
+    IncompleteReportError,
+    backend_files,
+    check_complete,
+    package_versions,
 )
+from trainer.checkpoint.steps import LATEST, ResumePoint, step_dir_name
+from trainer.checkpoint.write_agreement import CheckpointWriteError, exchange, write_error
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.resilience.fault_injection import sleep_in_save
 
 log = logging.getLogger(__name__)
-
-
-def _versions() -> dict[str, str]:
-    names = ("llm-training", "torch", "transformers", "deepspeed", "mosaicml-streaming")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-MODEL_CONFIG = "model_config.json"
 
 
 class CheckpointManager:
@@ -278,14 +267,7 @@ class CheckpointManager:
             self._pending_error = error
 
     def _exchange(self, value: Any, failure: BaseException | None, group: Any) -> tuple[list[Any], list[str]]:
-        """Every rank's `value` and the failures any rank had (one all_gather_object)."""
-        mine = None if failure is None else f"rank {self.env.rank}: {_first_line(failure, self.env.rank)}"
-        if dist.is_initialized() and self.env.world_size > 1:
-            reports: list[Any] = [None] * self.env.world_size
-            dist.all_gather_object(reports, (value, mine), group=group)
-        else:
-            reports = [(value, None if failure is None else _first_line(failure))]
-        return [report[0] for report in reports], [report[1] for report in reports if report[1]]
+        return exchange(value, failure, self.env.rank, self.env.world_size, group)
 
     def _agree(self, step: int, step_dir: Path, failure: BaseException | None, group: Any = None) -> None:
         """Every rank learns whether any rank failed to write; if one did, all raise the same error."""
@@ -295,16 +277,11 @@ class CheckpointManager:
     def _fail_if(self, step: int, step_dir: Path, problems: list[str], failure: BaseException | None) -> None:
         if not problems:
             return
-        free = _free_space(self.root)
+        previous = self.run.newest_own() if self.env.is_main else None
+        error = write_error(step, step_dir, problems, previous.step_dir.name if previous else None)
         if self.env.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)
-        previous = self.run.newest_own() if self.env.is_main else None
-        raise CheckpointWriteError(
-            f"checkpoint step {step} could not be written to {step_dir} ({'; '.join(problems)}); "
-            f"{free} free there; "
-            + (f"{previous.step_dir.name} stays the newest complete checkpoint; " if previous else "")
-            + "free space (or lower checkpoint.keep_last, or point run.dir elsewhere) and run again to resume"
-        ) from failure
+        raise error from failure
 
     def _finalize(
         self, step: int, step_dir: Path, future: Future | None, backend: Any, written: list[str], group: Any
@@ -321,7 +298,9 @@ class CheckpointManager:
         self._agree(step, step_dir, failure, group)
         mine: dict[str, Any] = {}
         try:
-            mine = describe_files(step_dir, written + self._backend_files(backend, step_dir), durable=True)
+            mine = describe_files(
+                step_dir, written + backend_files(backend, step_dir, self.env.rank), durable=True
+            )
         except OSError as error:
             failure = error
         reports, problems = self._exchange(mine, failure, group)
@@ -329,7 +308,7 @@ class CheckpointManager:
         if self.env.is_main:
             files = {name: entry for report in reports for name, entry in report.items()}
             try:
-                self._check_complete(backend, step_dir, files)
+                check_complete(backend, step_dir, files)
                 fsync_path(self.root)  # the step folder's own name
                 manifest = {
                     "step": step,
@@ -338,7 +317,7 @@ class CheckpointManager:
                     "config_hash": config_hash(self.config),
                     "run_id": self.run_id,
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "versions": _versions(),
+                    "versions": package_versions(),
                     "files": dict(sorted(files.items())),
                 }
                 atomic_write_bytes(step_dir / MANIFEST, json.dumps(manifest, indent=1).encode())
@@ -351,54 +330,11 @@ class CheckpointManager:
             retain(self.root, self._belongs, self.config.checkpoint.keep_last)
         self.last_saved_step = step
 
-    def _backend_files(self, backend: Any, step_dir: Path) -> list[str]:
-        """The files the backend wrote on this rank in this save, relative to `step_dir`.
-
-        A backend that records its writes says so (DeepSpeed: `saved_files`). For FSDP these are DCP's
-        names: FileSystemWriter writes `__{rank}_{i}.distcp` (i < its thread count) on each rank, and the
-        coordinator (rank 0) `.metadata`; FSDPBackend.save writes scheduler.json on rank 0. Each is this
-        rank's own file, so `is_file` is reliable even on NFS (close-to-open consistency); rank 0 checks
-        the result against DCP's own index (`_check_complete`).
-        """
-        reported = getattr(backend, "saved_files", None)
-        if reported is not None:
-            return [str(Path(path).relative_to(step_dir)) for path in reported()]
-        if backend.name != "fsdp":
-            raise TypeError(f"backend {backend.name} does not report the files it saves")
-        names = []
-        for index in itertools.count():
-            name = f"model/__{self.env.rank}_{index}.distcp"
-            if not (step_dir / name).is_file():
-                break
-            names.append(name)
-        if self.env.is_main:
-            names += [f"model/{METADATA}", "scheduler.json"]
-        return names
-
-    def _check_complete(self, backend: Any, step_dir: Path, files: dict[str, Any]) -> None:
-        """Rank 0: every data file that DCP's index points into was reported by some rank."""
-        if backend.name != "fsdp":
-            return
-        unreported = sorted(f"model/{name}" for name in data_files(read_metadata(step_dir / "model")))
-        unreported = [name for name in unreported if name not in files]
-        if unreported:
-            raise IncompleteReportError(
-                f"DCP wrote {unreported}, which no rank reported; the manifest would not cover the checkpoint"
-            )
-
     def _checkpoint_group(self) -> Any:
         """A separate gloo group, so background-save collectives never interleave with training's."""
         if self._async_group is None and dist.is_initialized():
             self._async_group = dist.new_group(backend="gloo")
         return self._async_group
-
-
-class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is lost."""
-
-
-class IncompleteReportError(RuntimeError):
-    """The ranks' reports miss a file the backend wrote: no manifest is written for that step."""
 
 
 def _split(result: Any) -> tuple[Future | None, Future | None]:
@@ -407,19 +343,3 @@ def _split(result: Any) -> tuple[Future | None, Future | None]:
     if result is None or isinstance(result, Future):
         return None, result
     return result.staging_completion, result.upload_completion
-
-
-def _first_line(error: BaseException, rank: int = 0) -> str:
-    """The gist of an error; for DCP's CheckpointException (every rank's failures), this rank's or the first."""
-    if isinstance(error, CheckpointException) and error.failures:
-        error = (error.failures.get(rank) or next(iter(error.failures.values())))[0]
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _free_space(path: Path) -> str:
-    for folder in (path, *path.parents):
-        if folder.exists():
-            free = shutil.disk_usage(folder).free
-            return f"{free / 2**20:.1f} MiB" if free < 2**30 else f"{free / 2**30:.1f} GiB"
-    return "unknown space"
