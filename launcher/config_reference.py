@@ -1,4 +1,4 @@
-"""docs/config.md, generated from the config dataclasses of trainer/config.py and their field docstrings.
+"""docs/config.md, generated from the config dataclasses of trainer/config_schema.py and their field docstrings.
 
 `python -m launcher.config_reference` writes docs/config.md; `--check` exits 1 when it is out of date.
 A field without a docstring is an error: every config key is documented where it is defined.
@@ -15,7 +15,7 @@ import sys
 import typing
 from pathlib import Path
 
-from trainer import config as config_module
+from trainer import config_schema as config_module
 
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "config.md"
 YAML_NAMES = {"async_save": "async"}  # fields named after a Python keyword's YAML key
@@ -62,7 +62,9 @@ def _rows(cls: type, prefix: str, docs: dict[str, dict[str, str]]) -> list[str]:
         key = f"{prefix}.{YAML_NAMES.get(field.name, field.name)}"
         doc = docs.get(cls.__name__, {}).get(field.name)
         if not doc:
-            raise ValueError(f"{key} ({cls.__name__}.{field.name}) has no docstring in trainer/config.py")
+            raise ValueError(
+                f"{key} ({cls.__name__}.{field.name}) has no docstring in trainer/config_schema.py"
+            )
         doc = re.sub(r"^YAML key `[^`]+`: (.)", lambda match: match[1].upper(), doc).replace("|", "\\|")
         rows.append(f"| `{key}` | {_default(field)} | {doc} |")
         item = _item_class(cls, field)
@@ -86,7 +88,7 @@ def render() -> str:
     lines = [
         "# Config reference",
         "",
-        f"<!-- Generated from trainer/config.py by `{COMMAND}`; do not edit by hand. -->",
+        f"<!-- Generated from trainer/config_schema.py by `{COMMAND}`; do not edit by hand. -->",
         "",
         "A run is configured by one YAML file with the sections below (`run:`, `data:`, ...). Any key can be",
         "overridden on the command line as `section.key=value`, e.g. `train.lr=3e-4`. Unknown keys and values of",
@@ -109,7 +111,10 @@ def main(argv: list[str]) -> int:
     text = render()
     if "--check" in argv:
         if (DOCS_PATH.read_text() if DOCS_PATH.is_file() else None) != text:
-            print(f"docs/config.md is out of date with trainer/config.py; run `{COMMAND}`", file=sys.stderr)
+            print(
+                f"docs/config.md is out of date with trainer/config_schema.py; run `{COMMAND}`",
+                file=sys.stderr,
+            )
             return 1
         return 0
     DOCS_PATH.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,9 @@ def config_keys() -> list[str]:
 
 def test_config_reference_is_generated_from_the_code():
     current = (DOCS / "config.md").read_text() if (DOCS / "config.md").is_file() else ""
-    assert current == render(), f"docs/config.md is out of date with trainer/config.py; run `{COMMAND}`"
+    assert current == render(), (
+        f"docs/config.md is out of date with trainer/config_schema.py; run `{COMMAND}`"
+    )
 
 
 def test_every_config_key_is_in_the_reference():
