@@ -24,6 +24,7 @@ from typing import Any
 
 from trainer.config import Config, batch_plan
 from trainer.errors import UserError
+from trainer.shard_groups import group_size
 
 GPUS: dict[str, tuple[float, float]] = {
     "h100": (80, 989.0),
@@ -88,7 +89,9 @@ def make_plan(config: Config, vocab_size: int, seq_len: int, nodes: int, gpus_pe
     world = nodes * gpus_per_node
     batch = batch_plan(config.train, world, seq_len)
     shape = model_shape_facts(config, vocab_size, seq_len)
-    shard = _shard_group(config.parallel.shard, world, gpus_per_node, nodes, 16 * shape["params"], memory_gb)
+    shard = group_size(
+        config.parallel.shard, world, gpus_per_node, 16 * shape["params"], memory_gb * 1e9 * gpus_per_node
+    )
     states = model_state_bytes(config, shape, shard, world)
     compute_bytes = 4 if config.train.precision == "fp32" else 2
     states["buffers"] = shape["largest_block"] * (2 * compute_bytes + 4) + shape["embedding"] * compute_bytes
@@ -183,19 +186,6 @@ def _largest_micro_batch(shape: dict[str, Any], seq_len: int, compute_bytes: int
             break
         best = micro
     return best
-
-
-def _shard_group(
-    setting: str, world: int, per_node: int, nodes: int, state_bytes: int, memory_gb: float
-) -> int:
-    if setting == "full" or (
-        setting == "auto" and (nodes == 1 or state_bytes > 0.5 * memory_gb * 1e9 * per_node)
-    ):
-        return world
-    size = per_node if setting in ("node", "auto") else int(setting)
-    if world % size:
-        raise UserError(f"parallel.shard={setting} makes groups of {size} GPUs, which do not divide {world}")
-    return size
 
 
 def _warnings(config: Config, plan: Plan, usable: float, fixed: int, nodes: int, per_node: int) -> list[str]:
