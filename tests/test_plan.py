@@ -39,9 +39,8 @@ def _planned_state_bytes(config, vocab: int, seq_len: int, gpus: int) -> int:
 
 @pytest.mark.parametrize("size", ["tiny", "gpt2-124m"])
 def test_planned_weights_and_optimizer_bytes_match_a_real_checkpoint(size, demo_dataset, tmp_path):
-    """Untied embeddings: with tied ones a checkpoint holds the shared tensor under both names (and its
-    moments twice), which costs disk but no memory."""
-    overrides = [f"model.size={size}", "model.tie_embeddings=false", "train.max_steps=1", "train.global_batch_size=2",
+    """Tied embeddings (the presets' default): the checkpoint holds the shared tensor and its moments once."""
+    overrides = [f"model.size={size}", "train.max_steps=1", "train.global_batch_size=2",
                  "train.micro_batch_size=1", "checkpoint.every_steps=1"]  # fmt: skip
     train(tmp_path / "run", demo_dataset.path, nproc=2, overrides=overrides)
     config = load_config(tmp_path / "run" / "config.yaml")

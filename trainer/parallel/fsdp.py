@@ -9,6 +9,7 @@ a run resumes on any world size.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
+    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -83,6 +85,25 @@ def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -
     check_tied(module)
 
 
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+"""Name segments of activation checkpointing's and torch.compile's wrappers, absent from state dict names."""
+
+
+def tied_aliases(module: nn.Module, state_names: Iterable[str]) -> set[str]:
+    """The state-dict names under which a parameter appears a second time (tied weights), from the
+    module's structure, so every rank finds the same names whatever its shard of each tensor holds."""
+    names_by_param: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        for segment in WRAPPER_SEGMENTS:
+            name = name.replace(segment, "")
+        names_by_param.setdefault(id(param), []).append(name)
+    aliases = {name for names in names_by_param.values() for name in names[1:]}
+    missing = aliases - set(state_names)
+    if missing:
+        raise RuntimeError(f"tied parameter names {sorted(missing)} are not in the model's state dict")
+    return aliases
+
+
 class FSDPBackend:
     """Checkpoints are DCP folders, which reshard on load: any world size can resume any other's."""
 
@@ -113,6 +134,7 @@ class FSDPBackend:
         """Who writes a background save's shards; a thread stalls training least (docs/checkpoints.md)."""
         self._stager: DefaultStager | None = None
         self._stager_shares = False
+        self._aliases = tied_aliases(self.module, get_model_state_dict(self.module).keys())
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
@@ -159,6 +181,21 @@ class FSDPBackend:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         return {"model": model_state, "optim": optim_state}
 
+    def _written_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` with each tied parameter under one name: the first of its names, its moments once.
+
+        `get_state_dict` lists a tied parameter under every name (`transformer.wte.weight` and
+        `lm_head.weight`), and its AdamW moments under both too: a third of gpt2-124m's checkpoint would
+        be copies. The tensors left out are the same storage as the one kept, so a load fills them as
+        well; a checkpoint written with the copies still loads (DCP reads only the names asked for).
+        """
+        aliases = self._aliases
+        if not aliases:
+            return state
+        optim = dict(state["optim"])
+        optim["state"] = {name: value for name, value in optim["state"].items() if name not in aliases}
+        return {"model": {k: v for k, v in state["model"].items() if k not in aliases}, "optim": optim}
+
     def save(self, step_dir: Path, async_group: Any = None) -> AsyncSaveResponse | None:
         """Write model + optimizer shards; with `async_group`, in the background.
 
@@ -169,7 +206,7 @@ class FSDPBackend:
         """
         if dist.get_rank() == 0:
             atomic_write_text(step_dir / "scheduler.json", json.dumps(self.scheduler.state_dict()))
-        state = self._dcp_state()
+        state = self._written_state(self._dcp_state())
         if async_group is None:
             dcp.save(state, checkpoint_id=step_dir / "model")
             return None
@@ -209,7 +246,7 @@ class FSDPBackend:
 
     def load(self, step_dir: Path, saved_world_size: int) -> None:
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=step_dir / "model")
+        dcp.load(self._written_state(state), checkpoint_id=step_dir / "model")
         set_state_dict(
             self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
