@@ -3,10 +3,11 @@
 A step leaves its summed loss and gradient norm on the device. Reading them at once (`.item()`) would
 make the host wait for the whole step, and on a GPU every such wait leaves the device idle while the
 host prepares the next step. So the loss, this rank's stop request, whether its background checkpoint
-write has failed and (instruction data) the response tokens travel in ONE all-reduce, and the result is copied to host memory without blocking (pinned
-memory and an event on CUDA). The loop reads a step's report one step later, when its work has long
-finished, or at once where it must know (logging, evaluation, checkpoint, the last step,
-`train.on_nonfinite=skip_batch`). Every rank reads the same reduced values, so every rank decides alike.
+write has failed and (instruction data) the response tokens travel in ONE all-reduce, and the result is
+copied to host memory without blocking (pinned memory and an event on CUDA). The loop reads a step's
+report one step later, when its work has long finished, or at once where it must know (logging,
+evaluation, checkpoint, the last step, `train.on_nonfinite=skip_batch`). Every rank reads the same
+reduced values, so every rank decides alike.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Checkpoints: sharded, verified by a manifest written last, resumed exactly (manager.py saves and resumes; steps.py reads what is on disk)."""
+"""Checkpoints: sharded, verified by a manifest written last, resumed exactly.
+
+manager.py saves and resumes; steps.py reads what is on disk.
+"""
 
 from trainer.checkpoint.manager import CheckpointManager
 from trainer.checkpoint.step_contents import MODEL_CONFIG
