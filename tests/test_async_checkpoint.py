@@ -92,8 +92,8 @@ def staging_buffers(backend: FSDPBackend) -> dict[int, int]:
 
 
 def snapshot(backend: FSDPBackend) -> dict[str, torch.Tensor]:
-    """Copies of what a checkpoint holds as tensors, under DCP's flattened names."""
-    state = backend._dcp_state()
+    """Copies of what a checkpoint holds as tensors, under DCP's flattened names (a tied weight once)."""
+    state = backend._written_state(backend._dcp_state())
     flat = {f"model.{name}": tensor for name, tensor in state["model"].items()}
     for name, moments in state["optim"]["state"].items():
         flat.update({f"optim.state.{name}.{key}": value for key, value in moments.items()})
