@@ -21,7 +21,7 @@ from trainer.checkpoint.dcp_read import load_model_state
 from trainer.config import Config, ModelConfig, load_config, model_shape
 from trainer.errors import UserError
 from trainer.models.families import FAMILIES, set_dropout
-from trainer.models.pretrained import load_pretrained, set_causal_lm_loss
+from trainer.models.pretrained import load_pretrained, set_causal_lm_loss, tied_names
 
 TRAINING_INFO = "llm_training.json"
 
@@ -87,10 +87,7 @@ def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | N
         hf_config, attn_implementation=attn, trust_remote_code=model_config.trust_remote_code
     )
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(
-        model.named_parameters()
-    ).keys()
-    if unexpected or set(missing) - tied:
+    if unexpected or set(missing) - tied_names(model):
         raise RuntimeError(
             f"checkpoint {step_dir} does not fit its model_config.json: missing {missing}, unexpected {unexpected}"
         )

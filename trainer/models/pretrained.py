@@ -30,3 +30,9 @@ def set_causal_lm_loss(model: torch.nn.Module) -> None:
 def context_length(config: Any) -> int:
     """The positions a model was built for (GPT-2's n_positions is the same attribute under its own name)."""
     return int(config.max_position_embeddings)
+
+
+def tied_names(model: torch.nn.Module) -> set[str]:
+    """The names under which a parameter appears a second time (tied weights; the first name is kept)."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - dict(model.named_parameters()).keys()

@@ -21,7 +21,6 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
-    get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
     set_state_dict,
@@ -35,6 +34,7 @@ from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
 from trainer.models.build import check_tied, compile_blocks, decoder_layers
+from trainer.models.pretrained import tied_names
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
@@ -95,12 +95,11 @@ WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
 def tied_aliases(module: nn.Module, state_names: Iterable[str]) -> set[str]:
     """The state-dict names under which a parameter appears a second time (tied weights), from the
     module's structure, so every rank finds the same names whatever its shard of each tensor holds."""
-    names_by_param: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
+    aliases = set()
+    for name in tied_names(module):
         for segment in WRAPPER_SEGMENTS:
             name = name.replace(segment, "")
-        names_by_param.setdefault(id(param), []).append(name)
-    aliases = {name for names in names_by_param.values() for name in names[1:]}
+        aliases.add(name)
     missing = aliases - set(state_names)
     if missing:  # a wrapper that renames parameters: store every name, as before, rather than guess
         log.warning("tied parameters %s are not named so in the state dict: checkpoints store them twice",
@@ -139,7 +138,8 @@ class FSDPBackend:
         """Who writes a background save's shards; a thread stalls training least (docs/checkpoints.md)."""
         self._stager: DefaultStager | None = None
         self._stager_shares = False
-        self._aliases = tied_aliases(self.module, get_model_state_dict(self.module).keys())
+        self._aliases: set[str] | None = None
+        """Tied parameters' second names (`_written_state`), found at the first save or load."""
 
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
@@ -194,6 +194,8 @@ class FSDPBackend:
         be copies. The tensors left out are the same storage as the one kept, so a load fills them as
         well; a checkpoint written with the copies still loads (DCP reads only the names asked for).
         """
+        if self._aliases is None:
+            self._aliases = tied_aliases(self.module, state["model"])
         aliases = self._aliases
         if not aliases:
             return state
