@@ -1,5 +1,8 @@
 """Start N training processes on this machine with torchrun's environment variables.
 
+The ranks are forks of a rank server that imported the trainer once (launcher/rank_server.py): the test
+suite's shared one when it can serve this launch, else one started for this launch.
+
 If one rank fails, the others are stopped, and the launcher returns the first failing exit code
 (2 stays 2, so a user error is still a user error). SIGTERM and SIGUSR2 are passed on to every rank,
 which then stop after the current step with a checkpoint.
@@ -10,10 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
+from launcher.rank_server import ForkedRank, RankServer, shared_server
 from trainer.errors import PEER_FAILED_EXIT
 
 
@@ -27,7 +30,7 @@ def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0, nod
     """`nproc` ranks on this machine; with `nodes` > 1 they are split into that many "nodes" of nproc / nodes
     ranks each (their LOCAL_RANK and LOCAL_WORLD_SIZE), to try multi-node layouts such as hybrid sharding."""
     port = free_port()
-    procs = []
+    envs = []
     per_node = nproc // nodes
     for rank in range(nproc):
         env = dict(
@@ -40,7 +43,8 @@ def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0, nod
             MASTER_PORT=str(port),
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        procs.append(subprocess.Popen([sys.executable, "-m", "trainer.main", *trainer_args], env=env))
+        envs.append(env)
+    procs, private = _start_ranks(envs, trainer_args)
 
     def forward(signum: int, frame: object) -> None:
         for proc in procs:
@@ -58,9 +62,33 @@ def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0, nod
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if private is not None:
+            private.close()
 
 
-def _wait(procs: list[subprocess.Popen], grace_s: float) -> int:
+def _start_ranks(
+    envs: list[dict[str, str]], trainer_args: list[str]
+) -> tuple[list[ForkedRank], RankServer | None]:
+    """The ranks, forked by the shared rank server when it can serve this launch, else by a private one."""
+    shared = shared_server()
+    if shared is not None and (first := shared.start_rank("trainer.main", trainer_args, envs[0])) is not None:
+        rest = [shared.start_rank("trainer.main", trainer_args, env) for env in envs[1:]]
+        if all(rest):
+            return [first, *rest], None
+        raise RuntimeError("the shared rank server stopped serving in the middle of a launch")
+    if shared is not None:
+        print(
+            f"llm-train: the shared rank server cannot serve this launch: {shared.refusal}", file=sys.stderr
+        )
+    private = RankServer.start()
+    ranks = [private.start_rank("trainer.main", trainer_args, env) for env in envs]
+    if not all(ranks):
+        private.close()
+        raise RuntimeError("the rank server refused a rank of its own launcher")
+    return ranks, private
+
+
+def _wait(procs: list[ForkedRank], grace_s: float) -> int:
     failed: int | None = None
     deadline: float | None = None
     while any(proc.poll() is None for proc in procs):

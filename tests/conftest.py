@@ -82,6 +82,21 @@ def demo_dataset(tmp_path_factory) -> PreparedData:
     return PreparedData(out, stats["vocab_size"], stats["seq_len"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def rank_server():
+    """One rank server for the session (launcher/rank_server.py): the ranks of every local training run whose
+    launcher shares this process's session and environment are forks of it, which saves each rank the
+    seconds of importing torch, transformers, DeepSpeed and the trainer. It starts in the background: runs
+    that start before it listens, or that it cannot serve, start a server of their own."""
+    from launcher.rank_server import SERVER_ENV, RankServer
+
+    server = RankServer.spawn(("trainer.main", "deepspeed", "wandb"))
+    os.environ[SERVER_ENV] = server.socket_path
+    yield server
+    os.environ.pop(SERVER_ENV, None)
+    server.close()
+
+
 @pytest.fixture(scope="session")
 def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
     """12 uninterrupted steps per backend, world size 2, a checkpoint every 3 steps."""
