@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,17 +111,43 @@ class Job:
         run(["scancel", self.job_id], check=False)
 
 
-def wait_for_file(path: Path, timeout: float, job: Job | None = None) -> str:
-    """Wait until `path` exists and return its text; raises (with the job's output) after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists():
+def ends_with_newline(text: str) -> bool:
+    """The default test of a complete file: jobs end what they write with a newline."""
+    return text.endswith("\n")
+
+
+def wait_for_file(
+    path: Path, timeout: float, job: Job | None = None, complete: Callable[[str], bool] = ends_with_newline
+) -> str:
+    """Wait until `path` holds complete content (`complete(text)`) and return its text; raises (with the job's
+    output) after `timeout`, or once the job has ended without writing it.
+
+    Jobs write such files under a temporary name and rename them (atomic); waiting for complete content rather
+    than for the name also catches a writer that does not, instead of returning half a file.
+    """
+
+    def read() -> str | None:
+        try:
             return path.read_text()
+        except FileNotFoundError:
+            return None
+
+    deadline = time.monotonic() + timeout
+    text = None
+    while time.monotonic() < deadline:
+        text = read()
+        if text is not None and complete(text):
+            return text
         if job is not None and job.state() in TERMINAL_JOB_STATES:
+            # The job may have written the file just before it ended, after the read above: look once more.
+            text = read()
+            if text is not None and complete(text):
+                return text
             break
         time.sleep(0.2)
+    seen = "did not appear" if text is None else f"is incomplete ({text!r})"
     detail = f" job {job.job_id} state {job.state()}; output:\n{job.output()}" if job else ""
-    raise AssertionError(f"{path} did not appear within {timeout:.0f}s.{detail}")
+    raise AssertionError(f"{path} {seen} after at most {timeout:.0f}s.{detail}")
 
 
 def sbatch(script: str, workdir: Path, *options: str, name: str = "llm-test") -> Job:

@@ -139,14 +139,20 @@ import os, signal, sys, time
 shared = sys.argv[1]
 
 
+def publish(name, line):  # the test waits for these files: write elsewhere, rename (they appear complete)
+    path = os.path.join(shared, name)
+    with open(f"{path}.tmp-{os.getpid()}", "w") as f:
+        f.write(line + "\\n")
+    os.replace(f"{path}.tmp-{os.getpid()}", path)
+
+
 def on_usr2(signum, frame):
-    with open(os.path.join(shared, "usr2.txt"), "w") as f:
-        f.write(f"{signum} {os.environ['SLURM_PROCID']} {os.environ['SLURMD_NODENAME']}")
+    publish("usr2.txt", f"{signum} {os.environ['SLURM_PROCID']} {os.environ['SLURMD_NODENAME']}")
     sys.exit(0)
 
 
 signal.signal(signal.SIGUSR2, on_usr2)
-open(os.path.join(shared, "ready"), "w").close()
+publish("ready", "ready")
 time.sleep(60)
 sys.exit("no SIGUSR2 within 60 s")
 """
@@ -176,7 +182,7 @@ def test_requeued_job_runs_again_with_restart_count(slurm_cluster, slurm_tmp_pat
     script = f"""#!/bin/bash
 echo "restart=${{SLURM_RESTART_COUNT:-0}} node=$SLURMD_NODENAME" >> {runs}
 if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then
-    touch {slurm_tmp_path}/ready
+    echo ready > {slurm_tmp_path}/ready.tmp && mv {slurm_tmp_path}/ready.tmp {slurm_tmp_path}/ready  # atomic
     sleep 60
     exit 1  # not requeued in time
 fi

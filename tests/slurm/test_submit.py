@@ -86,10 +86,12 @@ class Tracked:
         return Job(self.job_id, self.out or self.run_dir / "submitit" / f"{self.job_id}_0_log.err")
 
     def records(self) -> list[dict]:
+        """metrics.jsonl's complete lines: the trainer appends to it while the watcher reads, and a line is
+        complete once its newline is there (a line being written may already end with a '}')."""
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+        return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
 
     def events(self, name: str) -> list[dict]:
         return [r for r in self.records() if r.get("event") == name]

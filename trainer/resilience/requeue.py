@@ -37,14 +37,19 @@ def _marker(run_dir: Path, job_id: str) -> Path:
 
 
 def _claim(run_dir: Path, job_id: str, decision: str) -> bool:
-    """True for the first task of this allocation to decide: after a failure every surviving task may."""
+    """True for the first task of this allocation to decide: after a failure every surviving task may.
+    The marker appears with its decision in it (a hard link of a finished file), so a reader never sees it
+    empty."""
+    marker = _marker(run_dir, job_id)
+    draft = marker.with_name(f"{marker.name}.{os.getpid()}.{os.uname().nodename}")
+    draft.write_text(decision + "\n")
     try:
-        fd = os.open(_marker(run_dir, job_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        os.link(draft, marker)
+        return True
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as marker:
-        marker.write(decision + "\n")
-    return True
+    finally:
+        draft.unlink(missing_ok=True)
 
 
 def decided(run_dir: Path) -> bool:

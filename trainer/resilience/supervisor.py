@@ -10,7 +10,7 @@ task runs `python -m trainer.main` as a child and decides when it has exited:
   exit 3                a collective failed because another rank did (PEER_FAILED_EXIT): wait a little for
                         that rank's task to decide (it may be a user error), then requeue if nobody has decided
 
-Every decision claims RUN_DIR/.requeue-JOB-RESTART (O_EXCL, see requeue.py), so one allocation requeues at
+Every decision claims RUN_DIR/.requeue-JOB-RESTART (created at most once, with its decision in it: requeue.py), so one allocation requeues at
 most once whichever tasks survive. Stop signals (SIGUSR2, SIGTERM) are passed to the child, which starts with
 them blocked and unblocks them once its handlers are installed (StopSignals): a signal during start-up waits in
 the kernel instead of killing the process or being lost. The NCCL settings below are set unless the site's
