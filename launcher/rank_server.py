@@ -184,17 +184,28 @@ def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
     return json.loads(payload), fds
 
 
-def _refusal(request: dict, start_env: dict[str, str]) -> str | None:
+def _start_env(request_env: dict[str, str], imported: dict[str, str]) -> dict[str, str]:
+    """The request's environment as a fresh process would have it after the preloaded imports: the variables
+    those imports set (`imported`) added where the launcher has not set them itself."""
+    return {**imported, **request_env}
+
+
+def _refusal(request: dict, before: dict[str, str], imported: dict[str, str]) -> str | None:
     if request["sid"] != os.getsid(0):
         return "the launcher is in another session"
-    env = comparable_env(request["env"])
-    if env != start_env:
-        differ = sorted(k for k in env.keys() | start_env.keys() if env.get(k) != start_env.get(k))
+    # A launcher that made the same imports has the variables they set: those are not a difference.
+    env, expected = comparable_env(request["env"]), dict(before)
+    for name, value in imported.items():
+        if env.get(name) == value:
+            env.pop(name)
+            expected.pop(name, None)
+    if env != expected:
+        differ = sorted(k for k in env.keys() | expected.keys() if env.get(k) != expected.get(k))
         return f"the launcher's environment differs from the server's in {', '.join(differ)}"
     return None
 
 
-def _become_rank(request: dict, fds: list[int]) -> None:
+def _become_rank(request: dict, fds: list[int], imported: dict[str, str]) -> None:
     """In the forked child: take on the launcher's process group, streams, directory, environment and mask."""
     os.setpgid(0, request["pgid"])
     for target, fd in enumerate(fds):
@@ -203,7 +214,7 @@ def _become_rank(request: dict, fds: list[int]) -> None:
     sys.stdout.reconfigure(line_buffering=os.isatty(1))
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update(_start_env(request["env"], imported))
     sys.path[0] = request["cwd"]  # what `python -m` puts first
     for signum in _STOP_SIGNALS:
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
@@ -213,11 +224,12 @@ def _become_rank(request: dict, fds: list[int]) -> None:
         sys.modules["torch"].set_num_threads(int(threads))
 
 
-def serve(socket_path: str) -> dict | None:
-    """Serve until the process that started this server is gone. Returns only in a forked child, with the
-    request it is to run."""
+def serve(socket_path: str, before: dict[str, str]) -> dict | None:
+    """Serve until the process that started this server is gone; `before` is its environment before the
+    preloaded imports. Returns only in a forked child, with the request it is to run."""
     owner = os.getppid()
-    start_env = comparable_env(dict(os.environ))
+    imported = {k: v for k, v in os.environ.items() if before.get(k) != v}  # set by the imports
+    before = comparable_env(before)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path + ".binding")
     listener.listen(64)
@@ -231,7 +243,7 @@ def serve(socket_path: str) -> dict | None:
             except (OSError, ValueError):
                 connection.close()
                 continue
-            refusal = _refusal(request, start_env)
+            refusal = _refusal(request, before, imported)
             if refusal is not None:
                 connection.sendall((json.dumps({"refused": refusal}) + "\n").encode())
                 connection.close()
@@ -246,7 +258,7 @@ def serve(socket_path: str) -> dict | None:
                 for other in ranks.values():
                     other.close()
                 connection.close()
-                _become_rank(request, fds)
+                _become_rank(request, fds, imported)
                 return request
             for fd in fds:
                 os.close(fd)
@@ -275,9 +287,10 @@ def main(argv: list[str]) -> None:
     socket_path, *preload = argv
     for signum in _STOP_SIGNALS:  # the launcher forwards stop signals to the ranks; the server outlives them
         signal.signal(signum, signal.SIG_IGN)
+    before = dict(os.environ)  # some packages set variables when imported (KMP_*, TORCHINDUCTOR_CACHE_DIR)
     for module in preload:
         importlib.import_module(module)
-    request = serve(socket_path)
+    request = serve(socket_path, before)
     if request is not None:
         sys.argv = [request["module"], *request["args"]]
         sys.modules.pop(request["module"], None)  # preloaded for its imports; run afresh as __main__

@@ -88,7 +88,7 @@ def _with_absolute_paths(config: Config) -> Config:
 def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> Submission:
     """Resolve and validate the run config for this profile: a bad config never reaches the queue."""
     from trainer.checkpoint.compatibility import resume_conflicts  # torch: not for `llm-train --help`
-    from trainer.data.loader import read_dataset_info
+    from trainer.data.dataset_info import read_dataset_info
     from trainer.data.mixture import check_mixture
 
     config = _with_absolute_paths(load_config(config_arg, overrides))

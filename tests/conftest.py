@@ -107,6 +107,14 @@ def straight(demo_dataset, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def pytest_runtest_logreport(report) -> None:
+    """Each test phase's duration, for the slowest-tests table that closes `make test` (tests/slowest.py)."""
+    durations = os.environ.get("LLM_TEST_DURATIONS_FILE")
+    if durations:
+        with open(durations, "a") as file:
+            file.write(f"{report.duration:.3f}\t{report.when}\t{report.nodeid}\n")
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """One prominent line when SLURM tests were skipped, with the command that enables them.
 

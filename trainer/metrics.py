@@ -1,4 +1,10 @@
-"""RUN_DIR/metrics.jsonl (one JSON object a line) mirrored to W&B; rank 0 writes, others no-op."""
+"""RUN_DIR/metrics.jsonl (one JSON object a line) mirrored to W&B; rank 0 writes, others no-op.
+
+W&B starts in a thread of its own (`wandb.init` takes seconds: its imports, its service process, its run
+files), so that the run builds its model, evaluates and steps meanwhile. Lines written before it is up wait
+in a queue and reach W&B in order, with their steps, as soon as it is; `close` waits for it. A W&B that
+fails to start fails the run at the next line written, with W&B's error, or is a warning at `close`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,10 @@ import json
 import logging
 import math
 import os
+import threading
 import time
 import uuid
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +91,8 @@ class MetricsLogger:
     def __init__(self, config: Config, run_dir: Path, enabled: bool) -> None:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self._wandb = None
+        self._wandb: Future | None = None
+        self._wandb_queue: list[tuple[dict[str, Any], int | None]] = []
         if not enabled:
             return
         self._file = self.path.open("a", buffering=1)
@@ -91,18 +100,21 @@ class MetricsLogger:
         if mode == "offline":
             os.environ.setdefault("WANDB_SILENT", "true")
         if mode != "off":
-            import wandb
             import yaml
 
-            self._wandb = wandb.init(
-                project=config.log.wandb_project,
-                name=config.run.name or run_dir.name,
-                dir=str(run_dir),
-                mode=mode,
-                config=yaml.safe_load(to_yaml(config)),
-                resume="allow",
-                id=_wandb_run_id(run_dir),
-            )
+            settings = {
+                "project": config.log.wandb_project,
+                "name": config.run.name or run_dir.name,
+                "dir": str(run_dir),
+                "mode": mode,
+                "config": yaml.safe_load(to_yaml(config)),
+                "resume": "allow",
+                "id": _wandb_run_id(run_dir),
+            }
+            self._wandb = Future()
+            threading.Thread(
+                target=_start_wandb, args=(self._wandb, settings), name="wandb-init", daemon=True
+            ).start()
 
     def write(self, record: dict[str, Any], wandb_prefix: str = "") -> None:
         """One line in metrics.jsonl; its numbers also go to W&B, as `wandb_prefix + key`."""
@@ -119,24 +131,48 @@ class MetricsLogger:
             }
             if "event" in record:
                 numbers[f"event/{record['event']}"] = 1
-            self._wandb.log(numbers, step=record.get("step"))
+            self._wandb_queue.append((numbers, record.get("step")))
+            if self._wandb.done():
+                self._send(self._wandb.result())  # raises what wandb.init raised
+
+    def _send(self, wandb_run: Any) -> None:
+        queue, self._wandb_queue = self._wandb_queue, []
+        for numbers, step in queue:
+            wandb_run.log(numbers, step=step)
 
     def event(self, name: str, step: int, **extra: Any) -> None:
         self.write({"event": name, "step": step, **extra})
 
     def close(self) -> None:
-        """Close metrics.jsonl and the W&B run. Runs after the last checkpoint, also on a stop: a W&B helper
-        process killed by the same SIGTERM must not turn a clean stop into a failure, so its error is one
-        warning line (the offline files written so far stay for `wandb sync`)."""
+        """Close metrics.jsonl and the W&B run (once it has started and has every line). Runs after the last
+        checkpoint, also on a stop: a W&B helper process killed by the same SIGTERM must not turn a clean stop
+        into a failure, so its error is one warning line (the offline files written so far stay for
+        `wandb sync`)."""
         if not self.enabled:
             return
         self._file.close()
         if self._wandb is not None:
-            wandb_run, self._wandb = self._wandb, None
+            started, self._wandb = self._wandb, None
             try:
+                wandb_run = started.result()
+            except Exception as error:  # noqa: BLE001 - the run's own lines are complete in metrics.jsonl
+                log.warning("W&B did not start (%s); metrics.jsonl is complete", _first_line(error))
+                return
+            try:
+                self._send(wandb_run)
                 wandb_run.finish()
             except Exception as error:  # noqa: BLE001 - any failure of W&B's shut-down is only worth a warning
                 log.warning("W&B did not close cleanly (%s); metrics.jsonl is complete", _first_line(error))
+
+
+def _start_wandb(started: Future, settings: dict[str, Any]) -> None:
+    """`wandb.init(**settings)` into `started` (in the "wandb-init" thread)."""
+    try:
+        import wandb
+
+        started.set_result(wandb.init(**settings))
+    except BaseException as error:  # noqa: BLE001 - handed to the thread that writes the lines
+        started.set_exception(error)
 
 
 def _first_line(error: BaseException) -> str:

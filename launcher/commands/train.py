@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import time
+from collections.abc import Iterator
 
 from launcher.local import launch_local
+from launcher.rank_server import SERVER_ENV, RankServer
 from trainer.config import batch_plan, load_config
 from trainer.errors import UserError
 
@@ -28,12 +33,42 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--nproc {args.nproc} must be at least 1")
     if args.nodes < 1 or args.nproc % args.nodes:
         raise UserError(f"--nodes {args.nodes} must be at least 1 and divide --nproc {args.nproc}")
-    from trainer.data.loader import read_dataset_info  # torch and streaming: imported only when training
-    from trainer.data.mixture import check_mixture
+    with _early_rank_server() as server:
+        # The same imports as the server's (torch, streaming, transformers): it serves only a launcher whose
+        # environment equals its own, and some of these packages set variables when they are imported.
+        from trainer.data.loader import read_dataset_info
+        from trainer.data.mixture import check_mixture
 
-    # Everything checkable is checked here, once, before any process starts.
-    config = load_config(args.config, args.overrides)
-    info = read_dataset_info(config.data.path, config.data.remote)
-    check_mixture(config.data, info)
-    batch_plan(config.train, args.nproc, info.seq_len)
-    return launch_local(args.nproc, [args.config, *args.overrides], nodes=args.nodes)
+        # Everything checkable is checked here, once, before any process starts.
+        config = load_config(args.config, args.overrides)
+        info = read_dataset_info(config.data.path, config.data.remote)
+        check_mixture(config.data, info)
+        batch_plan(config.train, args.nproc, info.seq_len)
+        if server is not None:
+            _wait_until_listening(server)
+        return launch_local(args.nproc, [args.config, *args.overrides], nodes=args.nodes)
+
+
+@contextlib.contextmanager
+def _early_rank_server() -> Iterator[RankServer | None]:
+    """The ranks' server (launcher/rank_server.py), started before the checks so that its imports (torch,
+    transformers, the trainer: seconds) run while this process checks the config and the dataset. The ranks
+    are forked from it as from a shared server (LLM_TRAIN_RANK_SERVER names it), and it is stopped on the way
+    out. None when a shared server is named already (the test suite's)."""
+    if os.environ.get(SERVER_ENV):
+        yield None
+        return
+    server = RankServer.spawn()
+    os.environ[SERVER_ENV] = server.socket_path
+    try:
+        yield server
+    finally:
+        os.environ.pop(SERVER_ENV, None)
+        server.close()
+
+
+def _wait_until_listening(server: RankServer, timeout_s: float = 300.0) -> None:
+    """Until the server listens; if it exits or takes too long, launch_local starts one and reports why."""
+    deadline = time.monotonic() + timeout_s
+    while not server.ready() and server.process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from streaming.base.compression import decompress
-from streaming.base.format import reader_from_json
-from streaming.base.storage import CloudDownloader
 
 from trainer.errors import UserError
 
@@ -57,6 +54,8 @@ def _fetch(source: str, relative: str, scratch: Path | None) -> Path | None:
     if scratch is None:
         path = Path(source) / relative
         return path if path.exists() else None
+    from streaming.base.storage import CloudDownloader  # streaming (and transformers): only for a URL
+
     url = f"{source.rstrip('/')}/{relative}"
     try:
         CloudDownloader.direct_download(url, str(scratch / relative))
@@ -101,6 +100,9 @@ def as_tokens(value: Any) -> np.ndarray:
 
 def _first_tokens(source: str, index_path: Path, index: dict[str, Any], scratch: Path | None) -> np.ndarray:
     """The tokens of a split's first sample, read straight from its first shard."""
+    from streaming.base.compression import decompress  # streaming: only for a dataset without prepare.json
+    from streaming.base.format import reader_from_json
+
     info = index["shards"][0]
     split_dir = index_path.parent
     reader = reader_from_json(str(split_dir.parent), split_dir.name, info)

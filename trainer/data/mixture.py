@@ -20,12 +20,14 @@ so every stream must agree with it on seq_len, vocab_size and eos_id.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-from streaming import Stream, StreamingDataset
+from typing import TYPE_CHECKING
 
 from trainer.config import DataConfig
 from trainer.data.dataset_info import DatasetInfo, node_cache_dir, read_dataset_info
 from trainer.errors import UserError
+
+if TYPE_CHECKING:  # streaming imports transformers: not for the launcher's `check_mixture`
+    from streaming import Stream, StreamingDataset
 
 _MUST_AGREE = ("seq_len", "vocab_size", "eos_id")
 
@@ -69,6 +71,8 @@ def _stream(path: str, remote: str | None, split: str, proportion: float | None 
 
     Its shards were checked by `read_dataset_info` (data.path's by the caller, the streams' in `check_mixture`).
     """
+    from streaming import Stream
+
     if remote:
         return Stream(local=str(node_cache_dir(path)), remote=remote, split=split, proportion=proportion)
     return Stream(local=path, split=split, proportion=proportion)
@@ -94,6 +98,8 @@ def reseed_weights(dataset: StreamingDataset, seed: int) -> None:
     """
     if dataset.num_streams < 2 or any(stream._proportion is None for stream in dataset.streams):
         return  # one stream takes every sample whatever the seed; ours always have proportions
+    from streaming import Stream
+
     for stream in dataset.streams:  # back to the weights as given: streaming then derives the rest
         stream.proportion = stream._proportion
         del stream.repeat, stream.choose
