@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from trainer.distributed import DEFAULT_PORT, detect_env, first_host, master_host, slurm_port
+from trainer.distributed import DEFAULT_PORT, check_port_free, detect_env, first_host, master_host, slurm_port
 
 NODELISTS = [
     ("node1", "node1"),
@@ -92,6 +93,25 @@ def test_slurm_variables_when_torchrun_is_absent():
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank) == (5, 8, 1, 4, 1)
     assert env.master_addr == "gpu12"
     assert env.master_port == slurm_port(4242) == 24242
+
+
+def test_each_attempt_of_a_job_rendezvous_on_another_port():
+    """Something of a killed attempt may still hold its port: the requeued attempt must not need it."""
+    base = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "n1"}
+    ports = [detect_env({**base, "SLURM_RESTART_COUNT": str(restart)}).master_port for restart in range(20)]
+    assert len(set(ports)) == 20 and all(20000 <= port <= 29999 for port in ports)
+    assert ports[0] == slurm_port(4242) and ports[1] == slurm_port(4242, 1)
+    assert slurm_port(4242, 1) != slurm_port(4243, 0)  # the next job's first attempt
+
+
+def test_a_taken_rendezvous_port_is_named_before_the_process_group_starts():
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"rendezvous port {port} on .* is taken"):
+            check_port_free(port)
+    check_port_free(port)  # free again
 
 
 def test_slurm_master_port_variable_wins_over_the_job_id():

@@ -24,6 +24,7 @@ from trainer.resilience.supervisor import child_environment, decide, supervise
 CHILD = textwrap.dedent(
     """
     import sys, time
+    print("starting", flush=True)
     time.sleep(float(sys.argv[1]))  # start-up: no handler yet, the signal must wait
     from trainer.resilience.preemption import StopSignals
     signals = StopSignals()
@@ -55,7 +56,7 @@ def test_a_stop_signal_during_start_up_waits_for_the_trainers_handler(sig):
     proc = subprocess.Popen(
         [sys.executable, "-c", SUPERVISOR, CHILD, "1.5"], stdout=subprocess.PIPE, text=True
     )
-    time.sleep(0.8)  # the child is sleeping with the signal blocked
+    assert proc.stdout.readline() == "starting\n"  # the child sleeps with the signal blocked (not a fixed wait)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
@@ -70,7 +71,8 @@ def slurm_job(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no scontrol
     run_dir = tmp_path / "run"
     (run_dir / "heartbeats").mkdir(parents=True)
-    beat = {"rank": 1, "phase": "forward/backward", "step": 7, "since": 0, "time": 0, "pid": 99, "host": "n2"}
+    beat = {"rank": 1, "phase": "forward/backward", "step": 7, "since": 0, "time": 0, "pid": 99, "host": "n2",
+            "attempt": "4242.0"}  # fmt: skip
     (run_dir / "heartbeats" / "rank00001.json").write_text(json.dumps(beat))
     return run_dir
 
@@ -105,6 +107,44 @@ def test_a_rank_killed_by_sigabrt_is_named_from_its_heartbeat_and_requeued(slurm
     assert markers(slurm_job) == {".requeue-4242-0": "requeue after failure"}
     history = json.loads((slurm_job / REQUEUES_FILE).read_text())
     assert history["count"] == 0 and history["events"] == [], "a requeue that failed is not counted"
+
+
+def test_a_heartbeat_left_by_an_earlier_attempt_names_nothing(slurm_job, monkeypatch):
+    """The requeued attempt (restart 1) dies before its first heartbeat: the killed attempt's file (pid 99,
+    step 7) must not be taken for its cause."""
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    line = decide(slurm_job, 1, 1, max_requeues=5)
+    assert line.startswith("rank 1 exited with code 1 on "), line
+    assert "(no heartbeat)" in line and "pid 99" not in line and "step 7" not in line, line
+
+
+def test_what_a_dead_trainer_started_ends_with_it():
+    """A trainer's helpers (loader workers, W&B's service) must not outlive it and hold the next attempt's port."""
+    trainer = textwrap.dedent(
+        """
+        import subprocess, sys
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        print(helper.pid, flush=True)
+        sys.exit(1)
+        """
+    )
+    script = "import sys; from trainer.resilience.supervisor import run_child; "
+    script += "sys.exit(run_child([sys.executable, '-c', sys.argv[1]], dict(__import__('os').environ)))"
+    done = subprocess.run([sys.executable, "-c", script, trainer], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    helper = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while _running(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(helper), "the trainer's helper outlived it"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_the_requeue_cap_holds_for_failures(slurm_job):

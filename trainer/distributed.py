@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 29500
 """Without SLURM (torchrun's default); under SLURM the port comes from the job id (`slurm_port`)."""
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000
+PORT_STRIDE = 1009  # a prime: attempt k of job j and attempt 0 of job j + k do not meet
 """Ports 20000-29999: below Linux's ephemeral range (32768-60999), where an outgoing connection of any
 process may hold the port, and above the privileged ones; two jobs sharing a node collide only when
 their ids are equal modulo 10000."""
@@ -185,9 +187,10 @@ def master_host(nodelist: str) -> str:
     return first_host(nodelist)
 
 
-def slurm_port(job_id: int) -> int:
-    """The master port of SLURM job `job_id`: 20000-29999, outside the ephemeral range for any id."""
-    return SLURM_PORT_BASE + job_id % SLURM_PORT_SPAN
+def slurm_port(job_id: int, restart: int = 0) -> int:
+    """The master port of attempt `restart` of SLURM job `job_id`: 20000-29999, outside the ephemeral range for
+    any id, and another one for each attempt (something of a killed attempt may still hold its port)."""
+    return SLURM_PORT_BASE + (job_id + PORT_STRIDE * restart) % SLURM_PORT_SPAN
 
 
 def _tasks_on_first_node(value: str) -> int:
@@ -218,7 +221,9 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             local_rank=int(env.get("SLURM_LOCALID", "0")),
             local_world_size=_tasks_on_first_node(tasks_per_node),
             master_addr=env.get("MASTER_ADDR") or master_host(env.get("SLURM_JOB_NODELIST", "localhost")),
-            master_port=int(env.get("MASTER_PORT", slurm_port(job_id))),
+            master_port=int(
+                env.get("MASTER_PORT", slurm_port(job_id, int(env.get("SLURM_RESTART_COUNT") or 0)))
+            ),
         )
     return DistEnv(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", DEFAULT_PORT)))
 
@@ -252,6 +257,8 @@ def init_distributed(timeout_s: float) -> DistEnv:
         env.rank, env.world_size, env.local_rank, env.local_world_size, device,
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), backend, env.master_addr, env.master_port,
     )  # fmt: skip
+    if env.rank == 0 and env.world_size > 1:
+        check_port_free(env.master_port)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -261,6 +268,19 @@ def init_distributed(timeout_s: float) -> DistEnv:
             device_id=device if backend == "nccl" else None,
         )
     return env
+
+
+def check_port_free(port: int) -> None:
+    """Rank 0 hosts the rendezvous: a port already taken is named here, not as gloo's or NCCL's EADDRINUSE."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the rendezvous store binds it
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise RuntimeError(
+                f"the rendezvous port {port} on {socket.gethostname()} is taken ({error.strerror}): another job "
+                "or a leftover process holds it; set MASTER_PORT, or let the requeued attempt take another"
+            ) from error
 
 
 def teardown() -> None:

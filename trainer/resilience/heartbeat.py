@@ -27,6 +27,13 @@ STALE_INTERVALS = 2.5  # a heartbeat older than this many intervals means the ra
 BUSY_STEPS = 20  # the steps whose busy time a heartbeat carries
 
 
+def current_attempt() -> str | None:
+    """This allocation of a SLURM job, "JOB.RESTART" (None outside SLURM). A heartbeat carries it, so that a
+    requeued attempt never names its cause from a file the killed attempt left behind."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or '0'}" if job else None
+
+
 def heartbeat_interval(timeout_s: float) -> float:
     """Often enough to tell a dead rank well inside the collective timeout, rarely enough to cost nothing."""
     return max(0.5, min(5.0, timeout_s / 10))
@@ -40,7 +47,7 @@ class Heartbeat:
         self.busy: dict[int, float] = {}
         """Seconds of the last steps this rank spent before its first collective of the optimizer step (data,
         forward, backward): what a slow rank makes the others wait for (trainer/resilience/stragglers.py)."""
-        self._host, self._pid = socket.gethostname(), os.getpid()
+        self._host, self._pid, self._attempt = socket.gethostname(), os.getpid(), current_attempt()
         self._stop = threading.Event()
         self._writing = threading.Lock()  # the thread and `beat` share the temporary file
         self._thread: threading.Thread | None = None
@@ -97,6 +104,7 @@ class Heartbeat:
             "time": time.time(),
             "pid": self._pid,
             "host": self._host,
+            "attempt": self._attempt,
             "busy_s": {str(step): seconds for step, seconds in list(self.busy.items())},
             **extra,
         }
@@ -162,11 +170,12 @@ class Heartbeat:
 
 
 def read_heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
-    """A rank's last heartbeat record, or None when it never wrote one (or a single-process run)."""
+    """A rank's last heartbeat record in this attempt, or None when it wrote none (or a single-process run)."""
     try:
-        return json.loads((run_dir / FOLDER / f"rank{rank:05d}.json").read_text())
+        record = json.loads((run_dir / FOLDER / f"rank{rank:05d}.json").read_text())
     except (OSError, ValueError):
         return None
+    return record if record.get("attempt") == current_attempt() else None
 
 
 def _alive(record: dict[str, Any]) -> bool:

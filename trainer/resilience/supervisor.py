@@ -21,6 +21,7 @@ environment already has them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -84,10 +85,15 @@ def run_child(command: list[str], env: dict[str, str]) -> int:
         signal.signal(sig, forward)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        child = subprocess.Popen(command, env=env)
+        # Its own process group: whatever it started (loader workers, W&B's service, a resource tracker) ends
+        # with it below, so nothing of this attempt outlives it and holds a port or a file of the next.
+        child = subprocess.Popen(command, env=env, start_new_session=True)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-    return child.wait()
+    code = child.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.pid, signal.SIGKILL)
+    return code
 
 
 def describe_exit(code: int) -> str:
