@@ -2,8 +2,9 @@
 
 W&B starts in a thread of its own (`wandb.init` takes seconds: its imports, its service process, its run
 files), so that the run builds its model, evaluates and steps meanwhile. Lines written before it is up wait
-in a queue and reach W&B in order, with their steps, as soon as it is; `close` waits for it. A W&B that
-fails to start fails the run at the next line written, with W&B's error, or is a warning at `close`.
+in a queue and reach W&B in order, with their steps, as soon as it is; `close` waits for it. W&B only mirrors
+metrics.jsonl: a W&B that fails to start or stops taking lines (its service killed by the SIGTERM that SLURM
+sends to every process of a job step) is one warning, and the run goes on with metrics.jsonl alone.
 """
 
 from __future__ import annotations
@@ -133,7 +134,16 @@ class MetricsLogger:
                 numbers[f"event/{record['event']}"] = 1
             self._wandb_queue.append((numbers, record.get("step")))
             if self._wandb.done():
-                self._send(self._wandb.result())  # raises what wandb.init raised
+                try:
+                    self._send(self._wandb.result())  # raises what wandb.init raised, or what a log raised
+                except Exception as error:  # noqa: BLE001 - W&B mirrors metrics.jsonl; losing it loses nothing
+                    self._wandb = None
+                    _abandon_wandb()
+                    log.warning(
+                        "W&B failed (%s): the rest of this run is in metrics.jsonl only; what W&B took stays in "
+                        "its files (offline: `wandb sync`)",
+                        _first_line(error),
+                    )
 
     def _send(self, wandb_run: Any) -> None:
         queue, self._wandb_queue = self._wandb_queue, []
@@ -156,13 +166,27 @@ class MetricsLogger:
             try:
                 wandb_run = started.result()
             except Exception as error:  # noqa: BLE001 - the run's own lines are complete in metrics.jsonl
+                _abandon_wandb()
                 log.warning("W&B did not start (%s); metrics.jsonl is complete", _first_line(error))
                 return
             try:
                 self._send(wandb_run)
                 wandb_run.finish()
             except Exception as error:  # noqa: BLE001 - any failure of W&B's shut-down is only worth a warning
+                _abandon_wandb()
                 log.warning("W&B did not close cleanly (%s); metrics.jsonl is complete", _first_line(error))
+
+
+def _abandon_wandb() -> None:
+    """End a W&B session whose service is gone (SLURM signals every process of a job step, W&B's service among
+    them) through W&B's own `teardown`, which also removes its exit hook: without it the process would end
+    with W&B's traceback of the lost connection."""
+    import wandb
+
+    try:
+        wandb.teardown()
+    except Exception as error:  # noqa: BLE001 - the connection is known to be lost
+        log.debug("W&B teardown: %s", _first_line(error))
 
 
 def _start_wandb(started: Future, settings: dict[str, Any]) -> None:
