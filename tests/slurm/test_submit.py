@@ -229,6 +229,8 @@ class Module:
 
 @pytest.fixture(scope="module")
 def runs(slurm_cluster, request) -> Module:
+    """Every job of the module, submitted at once, and the local reference runs trained meanwhile (over 60 s of
+    setup: one set of jobs and runs for the module's 20 tests instead of one per test)."""
     TMP_BASE.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="test_submit-", dir=TMP_BASE))
     failed_before = request.session.testsfailed
@@ -345,6 +347,9 @@ def assert_close(actual: list[float], expected: list[float], rel: float) -> None
 
 
 def test_two_node_fsdp_job_matches_local_run(runs):
+    """Over 60 s: the first test of the module waits for the jobs it is about (2 nodes, one job at a time per
+    node: the queue drains in minutes); the module's other tests then find their jobs finished. The suite runs
+    this module alongside the CPU-bound tests (tests/run_suite.sh), so the wait costs little wall time."""
     tracked = assert_completed(runs, "fsdp2")
     records = read_metrics(tracked.run_dir)
     assert records[0]["event"] == "start" and records[0]["world_size"] == 2
