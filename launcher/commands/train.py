@@ -34,9 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes < 1 or args.nproc % args.nodes:
         raise UserError(f"--nodes {args.nodes} must be at least 1 and divide --nproc {args.nproc}")
     with _early_rank_server() as server:
-        # The same imports as the server's (torch, streaming, transformers): it serves only a launcher whose
-        # environment equals its own, and some of these packages set variables when they are imported.
-        from trainer.data.loader import read_dataset_info
+        from trainer.data.dataset_info import read_dataset_info  # no torch, no streaming: the server has them
         from trainer.data.mixture import check_mixture
 
         # Everything checkable is checked here, once, before any process starts.
