@@ -22,6 +22,7 @@ environment already has them.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -37,6 +38,7 @@ from trainer.resilience.heartbeat import read_heartbeat
 from trainer.resilience.requeue import STOP_SIGNALS, cancelled, decided, decision, record_decision, requeue
 
 PEER_DECISION_WAIT_S = 15.0
+PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 
 NCCL_DEFAULTS = {
     # A failed or timed-out collective tears the process down (abort) instead of hanging the job.
@@ -84,16 +86,49 @@ def run_child(command: list[str], env: dict[str, str]) -> int:
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    adopt_orphans()
     try:
-        # Its own process group: whatever it started (loader workers, W&B's service, a resource tracker) ends
-        # with it below, so nothing of this attempt outlives it and holds a port or a file of the next.
-        child = subprocess.Popen(command, env=env, start_new_session=True)
+        child = subprocess.Popen(command, env=env)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     code = child.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child.pid, signal.SIGKILL)
+    end_leftovers()
     return code
+
+
+def adopt_orphans() -> None:
+    """Become the child subreaper (Linux): whatever the trainer started (loader workers, W&B's service in its own
+    session, a resource tracker) is reparented to this process when the trainer exits, so `end_leftovers` can end
+    it and nothing of this attempt outlives it to hold a port or a file of the next. The trainer stays in the
+    task's process group and session, where SLURM's process tracking and signals find it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def end_leftovers() -> None:
+    """Kill and reap every remaining descendant of this process (the trainer has exited)."""
+    me = os.getpid()
+    while True:
+        children = [pid for pid, parent in _parents().items() if parent == me]
+        if not children:
+            return
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _parents() -> dict[int, int]:
+    parents = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    parents[int(entry.name)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+    return parents
 
 
 def describe_exit(code: int) -> str:
