@@ -19,7 +19,9 @@ from trainer.resilience.fault_injection import NAN_AT_BATCH_ENV
 SLOW_CONVERSION_HOOK = """
 import os
 
-if os.environ.get("RANK") == "0" and os.environ.get("LLM_TEST_SLOW_CONVERSION"):
+from pathlib import Path
+
+if os.environ.get("LLM_TEST_SLOW_CONVERSION"):
     import time
 
     import trainer.parallel.deepspeed
@@ -27,7 +29,10 @@ if os.environ.get("RANK") == "0" and os.environ.get("LLM_TEST_SLOW_CONVERSION"):
     _convert = trainer.parallel.deepspeed.to_universal
 
     def _slow(source, target):
-        time.sleep(float(os.environ["LLM_TEST_SLOW_CONVERSION"]))
+        # The rank is read when converting: ranks are forks of a rank server that imported this before any RANK.
+        if os.environ.get("RANK") == "0":
+            time.sleep(float(os.environ["LLM_TEST_SLOW_CONVERSION"]))
+            Path(__file__).with_name("slept").write_text("slept")
         _convert(source, target)
 
     trainer.parallel.deepspeed.to_universal = _slow
@@ -123,3 +128,4 @@ def test_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(
     resume = next(r for r in records if r.get("event") == "resume")
     assert (resume["step"], resume["from_world_size"]) == (6, 1)
     assert [r["step"] for r in records if "loss" in r] == [7]
+    assert (hook / "slept").exists(), "rank 0's conversion was not slowed: the test showed nothing"
