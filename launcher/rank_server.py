@@ -20,6 +20,9 @@ usage: python -m launcher.rank_server SOCKET_PATH MODULE [MODULE ...]   (the mod
 
 from __future__ import annotations
 
+import _io
+import atexit
+import gc
 import importlib
 import json
 import os
@@ -31,7 +34,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from pathlib import Path
 
 SERVER_ENV = "LLM_TRAIN_RANK_SERVER"
@@ -290,11 +295,51 @@ def main(argv: list[str]) -> None:
     before = dict(os.environ)  # some packages set variables when imported (KMP_*, TORCHINDUCTOR_CACHE_DIR)
     for module in preload:
         importlib.import_module(module)
+    gc.freeze()  # the ranks' collections never walk (and so never copy) the pages of what was imported
     request = serve(socket_path, before)
     if request is not None:
         sys.argv = [request["module"], *request["args"]]
         sys.modules.pop(request["module"], None)  # preloaded for its imports; run afresh as __main__
-        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        _exit(_run_main(request["module"]))
+
+
+def _run_main(module: str) -> int:
+    """Run MODULE as `python -m` would; the exit status the interpreter would give (negative: a signal)."""
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return (stop.code or 0) & 0xFF
+        print(stop.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return -signal.SIGINT
+    except BaseException:  # noqa: BLE001 - reported as the interpreter reports an uncaught exception
+        sys.excepthook(*sys.exc_info())
+        return 1
+    return 0
+
+
+def _exit(status: int) -> None:
+    """End a rank as the interpreter ends (threads joined, atexit handlers run, every open file flushed)
+    but without tearing down the modules it inherited: a forked rank freeing torch's and transformers'
+    objects touches, and so copies, every page it shares with the server, seconds per rank."""
+    gc.collect()  # the run's own garbage, cycles included: their finalizers run as they would have
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's first step at exit
+    atexit._run_exitfuncs()
+    for obj in gc.get_objects():
+        if isinstance(obj, _io._IOBase) and not obj.closed and obj.writable():
+            try:
+                obj.flush()
+            except (OSError, ValueError):
+                pass
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    if status < 0:
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    os._exit(status)
 
 
 if __name__ == "__main__":

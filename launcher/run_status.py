@@ -19,6 +19,7 @@ from launcher.slurm_job import JOBS_FILE, read_jobs
 from launcher.slurm_query import JobInfo, query_job
 from trainer.config import SlurmConfig, TrainConfig
 from trainer.errors import UserError
+from trainer.resilience.failure_record import first_failure
 from trainer.resilience.goodput import format_duration, format_goodput, summarize
 from trainer.resilience.requeue import REQUEUES_FILE
 
@@ -136,6 +137,7 @@ def _overall_state(
     latest: JobInfo | None,
     requeues: int,
     max_requeues: int,
+    failure: dict[str, Any] | None = None,
 ) -> tuple[str, bool]:
     """(one-line state, whether the requeue cap stopped the run)."""
     last = events[-1] if events else None
@@ -154,7 +156,8 @@ def _overall_state(
     if job is not None and job.get("cancelled"):
         return f"cancelled{at_step} (llm-train cancel, {job['cancelled']})", False
     if latest is not None and latest.state not in (None, "COMPLETED"):
-        return f"{latest.state.lower()}{at_step}", False
+        why = f": rank {failure['rank']}: {failure['error']}" if failure else ""
+        return f"{latest.state.lower()}{at_step}{why}", False
     if last is not None and last["event"] == "preempted":
         if requeues >= max_requeues:
             return (
@@ -169,6 +172,11 @@ def _overall_state(
         return ("not submitted to SLURM" if last is None else f"stopped{at_step}"), False
     if latest.source == "unavailable":
         return "unknown (SLURM commands not found on this machine)", False
+    if latest.state is None and failure is not None and failure["time"] >= (last or {}).get("time", 0):
+        return (
+            f"failed{at_step} (no longer known to SLURM): rank {failure['rank']}: {failure['error']}",
+            False,
+        )
     if latest.state is None:
         detail = f"; last event '{last['event']}'{at_step}" if last is not None else ""
         return f"finished (no longer known to SLURM){detail}", False
@@ -211,7 +219,8 @@ def read_status(path: str | Path, verify: bool = False) -> RunStatus:
         requeues = 0
     infos = [(job, query_job(str(job["job_id"]))) for job in read_jobs(run_dir)]
     job, latest = infos[-1] if infos else (None, None)
-    state, cap_reached = _overall_state(events, job, latest, requeues, max_requeues)
+    failure = first_failure(run_dir, str(latest.job_id) if latest is not None else None)
+    state, cap_reached = _overall_state(events, job, latest, requeues, max_requeues, failure)
     status = RunStatus(
         run_dir=str(run_dir.resolve()),
         state=state,

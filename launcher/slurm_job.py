@@ -115,6 +115,20 @@ def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> S
     return Submission(config, profile, plan)
 
 
+def check_visible_to_nodes(config: Config) -> None:
+    """Refuse paths the compute nodes cannot see (launcher/node_local.py), naming the first."""
+    from launcher.node_local import node_local_paths
+
+    found = node_local_paths(config)
+    if found:
+        key, path, reason = found[0]
+        name = f"{key} ({path})" if " " in key else f"{key}='{path}'"
+        raise UserError(
+            f"{name} is {reason}: the job's nodes cannot see it; put it on a filesystem shared "
+            "with the compute nodes (home, project or scratch)"
+        )
+
+
 def check_run_dir_given(config_arg: str, overrides: list[str]) -> None:
     """A submitted run names its folder: a preset's run.dir (runs/tiny) would mix every run made from it."""
     if any(item.split("=", 1)[0].strip() == "run.dir" for item in overrides):

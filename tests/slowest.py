@@ -2,7 +2,7 @@
 
 DURATIONS_FILE holds one `SECONDS<TAB>PHASE<TAB>TEST` line per test phase (setup, call, teardown), appended by
 every pytest process of the run (tests/conftest.py, $LLM_TEST_DURATIONS_FILE); the N slowest (25) are printed
-as pytest's --durations prints them, with the sum of all phases.
+as pytest's --durations prints them, then the 15 test files that took longest, with the sum of all phases.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ def main(path: str, count: int = 25) -> None:
     print(f"{'=' * 20} slowest {count} durations (all pytest processes of this run) {'=' * 20}")
     for seconds, phase, test in rows[:count]:
         print(f"{seconds:8.2f}s {phase:<8} {test}")
+    files: dict[str, float] = {}
+    for seconds, _, test in rows:
+        name = test.split("::", 1)[0]
+        files[name] = files.get(name, 0.0) + seconds
+    print(f"{'=' * 20} the 15 slowest test files {'=' * 20}")
+    for name, seconds in sorted(files.items(), key=lambda item: item[1], reverse=True)[:15]:
+        print(f"{seconds:8.2f}s {name}")
     print(f"{len(rows)} test phases, {total:.0f} s in all (the processes ran at the same time)")
 
 

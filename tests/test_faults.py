@@ -29,6 +29,7 @@ from trainer_runs import (
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
+from trainer.data.read_retry import READ_ERROR_ENV
 from trainer.resilience.fault_injection import (
     NAN_AT_BATCH_ENV,
     SLEEP_IN_SAVE_ENV,
@@ -205,6 +206,28 @@ def test_missing_shard_fails_before_any_model_is_built(demo_dataset, tmp_path, c
     assert f"shard '{data / 'train' / 'shard.00000.mds'}' is missing" in err
     rank_log = tmp_path / "run" / "logs" / "rank0.log"  # the launcher checks the data before starting ranks
     assert not rank_log.exists() or "model:" not in rank_log.read_text()
+
+
+def test_a_transient_read_error_is_retried_and_changes_no_loss(straight, demo_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv(READ_ERROR_ENV, "1:3")  # rank 1's first three sample reads fail with EIO
+    run_dir = tmp_path / "run"
+    records = train(run_dir, demo_dataset.path, overrides=overrides("fsdp", "data.read_retry_wait_s=0.01"))
+    assert by_step(records) == by_step(read_metrics(straight["fsdp"]))
+    log = (run_dir / "logs" / "rank1.log").read_text()
+    assert "injected read error" in log and "try 4 of 6" in log and "try 5 of 6" not in log, log
+
+
+def test_a_read_that_keeps_failing_stops_the_run_to_be_requeued_not_as_a_user_error(
+    demo_dataset, tmp_path, monkeypatch, capfd
+):
+    monkeypatch.setenv(READ_ERROR_ENV, "0:1000")
+    extra = ["train.max_steps=2", "data.read_retries=2", "data.read_retry_wait_s=0.01"]
+    code = cli_main(["train", "tiny", f"run.dir={tmp_path / 'run'}", f"data.path={demo_dataset.path}",
+                     *BASE_OVERRIDES, *extra, "--nproc", "2"])  # fmt: skip
+    err = capfd.readouterr().err
+    assert code == 1, err  # a failure (requeued under SLURM), not a user error (2, never requeued)
+    assert "failed 3 times (OSError: [Errno 5] test hook: injected read error)" in err, err
+    assert "could not be read (filesystem or network)" in err, err
 
 
 # --- non-finite losses -----------------------------------------------------------------------------

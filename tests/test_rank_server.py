@@ -26,6 +26,13 @@ PROBE = textwrap.dedent(
     action = sys.argv[1]
     if action == "sleep":
         time.sleep(60)
+    if action == "exit-work":  # what the interpreter finishes at exit: all of it must happen in a fork too
+        import atexit, threading
+        left_open = open("left-open.txt", "w")  # never closed nor flushed
+        left_open.write("buffered")
+        atexit.register(lambda: open("atexit.txt", "w").write("ran"))
+        threading.Thread(target=lambda: (time.sleep(0.5), open("thread.txt", "w").write("joined"))).start()
+        raise RuntimeError("uncaught")
     sys.exit(int(action))
     """
 )
@@ -74,3 +81,15 @@ def test_a_launcher_whose_environment_differs_is_refused(server):
     env = dict(os.environ, RANK="0", MASTER_PORT="1", LLM_TRAIN_TEST_STALL="0:1:1")
     rank = server.start_rank("rank_probe", ["0"], env)
     assert rank is not None and rank.wait(timeout=30) == 0
+
+
+def test_a_rank_ends_as_the_interpreter_would_files_flushed_threads_joined_atexit_run(
+    server, tmp_path, capfd
+):
+    rank = server.start_rank("rank_probe", ["exit-work"], dict(os.environ, RANK="2"))
+    assert rank is not None
+    assert rank.wait(timeout=30) == 1  # an uncaught exception
+    assert "RuntimeError: uncaught" in capfd.readouterr().err
+    assert (tmp_path / "left-open.txt").read_text() == "buffered"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "joined"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from trainer.resilience.heartbeat import first_stopped, record_exit
 from trainer.resilience.requeue import REQUEUES_FILE
 from trainer.resilience.supervisor import child_environment, decide, supervise
 
@@ -56,7 +57,9 @@ def test_a_stop_signal_during_start_up_waits_for_the_trainers_handler(sig):
     proc = subprocess.Popen(
         [sys.executable, "-c", SUPERVISOR, CHILD, "1.5"], stdout=subprocess.PIPE, text=True
     )
-    assert proc.stdout.readline() == "starting\n"  # the child sleeps with the signal blocked (not a fixed wait)
+    assert (
+        proc.stdout.readline() == "starting\n"
+    )  # the child sleeps with the signal blocked (not a fixed wait)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
@@ -107,6 +110,39 @@ def test_a_rank_killed_by_sigabrt_is_named_from_its_heartbeat_and_requeued(slurm
     assert markers(slurm_job) == {".requeue-4242-0": "requeue after failure"}
     history = json.loads((slurm_job / REQUEUES_FILE).read_text())
     assert history["count"] == 0 and history["events"] == [], "a requeue that failed is not counted"
+
+
+def test_a_survivor_aborted_by_nccl_names_the_rank_that_stopped_first(slurm_job, monkeypatch):
+    """NCCL's watchdog ends the survivors of a lost rank by SIGABRT too: whichever task decides, the cause
+    recorded is the rank whose trainer exited (or whose heartbeat stopped) first, never the survivor."""
+    monkeypatch.setattr("trainer.resilience.supervisor.PEER_DECISION_WAIT_S", 0.5)
+    now = time.time()
+    for rank in (0, 2):  # survivors, still beating until the watchdog aborts them
+        beat = {"rank": rank, "phase": "step report all-reduce", "step": 7, "since": now - 30, "time": now,
+                "pid": 100 + rank, "host": "n1", "attempt": "4242.0", "interval_s": 5.0}  # fmt: skip
+        (slurm_job / "heartbeats" / f"rank{rank:05d}.json").write_text(json.dumps(beat))
+    record_exit(slurm_job, 1, -signal.SIGKILL)  # rank 1's trainer was killed: its supervisor saw it first
+    time.sleep(0.01)
+    record_exit(slurm_job, 0, -signal.SIGABRT)
+    line = decide(slurm_job, 0, -signal.SIGABRT, max_requeues=5)
+    assert line.startswith(
+        "rank 1 was killed by SIGKILL in 'forward/backward' of step 7 (pid 99 on n2) first; "
+        "rank 0 was killed by SIGABRT after it"
+    ), line
+    # Without its exit on record (its node went down), rank 1 still stopped first: its heartbeat went stale.
+    (slurm_job / "heartbeats" / "rank00001.exit.json").unlink()
+    assert first_stopped(slurm_job)[0] == 1
+    # A rank that failed because another did (gloo: its collective broke, exit 3) is never the cause, even
+    # when its exit is on record before the culprit's.
+    record_exit(slurm_job, 0, 3)
+    time.sleep(0.01)
+    record_exit(slurm_job, 1, -signal.SIGKILL)  # reaped later than rank 0's exit
+    assert first_stopped(slurm_job)[0] == 1
+    # A rank that aborts itself first is its own cause (the others still beat).
+    for path in slurm_job.glob("heartbeats/rank0000[01].*"):
+        path.unlink()
+    record_exit(slurm_job, 2, -signal.SIGABRT)
+    assert first_stopped(slurm_job)[0] == 2
 
 
 def test_a_heartbeat_left_by_an_earlier_attempt_names_nothing(slurm_job, monkeypatch):

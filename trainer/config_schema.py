@@ -73,6 +73,11 @@ class DataConfig:
     Empty: train on data.path alone. Validation always reads data.path's val split."""
     epoch_size: int | None = None
     """Samples per epoch of a data.streams mixture; None: the streams' samples added up."""
+    read_retries: int = 5
+    """Times a shard read that failed for a transient reason (an I/O error, a timeout) is tried again before the
+    job is requeued. A missing shard or one whose checksum is wrong is never retried: that is a user error."""
+    read_retry_wait_s: float = 1.0
+    """Seconds before the first retry of a failed shard read; each next wait doubles (at most 30 s)."""
 
     def problems(self) -> list[str]:
         """What is wrong with the data.streams, data.epoch_size and reading settings, one item per problem."""
@@ -94,6 +99,10 @@ class DataConfig:
             )
             if value < 1
         ]
+        if self.read_retries < 0:
+            problems.append(f"data.read_retries={self.read_retries} must be >= 0 (0: never retry)")
+        if not self.read_retry_wait_s > 0:
+            problems.append(f"data.read_retry_wait_s={self.read_retry_wait_s} must be > 0")
         if self.epoch_size is not None and not self.streams:
             problems.append("data.epoch_size needs data.streams; leave it unset for a single data.path")
         elif self.epoch_size is not None and self.epoch_size < 1:

@@ -22,6 +22,7 @@ from trainer.config import Config, load_config
 from trainer.distributed import DistEnv, detect_env, distributed
 from trainer.errors import PEER_FAILED_EXIT, UserError
 from trainer.logs import setup_logging
+from trainer.resilience.failure_record import record_failure
 from trainer.resilience.goodput import GoodputClock, format_goodput, summarize
 from trainer.resilience.heartbeat import Heartbeat, heartbeat_interval
 from trainer.resilience.nonfinite import NonFiniteLossError
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     start_resource_tracker()
     rank = detect_env().rank
     clock = GoodputClock(None)
+    run_dir: Path | None = None
     try:
         config = load_config(argv[0] if argv else None, argv[1:])
         run_dir = Path(config.run.dir)
@@ -59,21 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as error:
         clock.close("failed")
+        _record(run_dir, rank, str(error))
         log.error("%s", error)
         if rank == 0:
             print(f"llm-train: error: {error}", file=sys.stderr)
         return 2
     except RankFailure as failure:
         clock.close("failed")
+        _record(run_dir, rank, str(failure))
         return PEER_FAILED_EXIT if failure.peer_failed else 1
     except NonFiniteLossError as error:
         clock.close("failed")
+        _record(run_dir, rank, str(error))
         _report(str(error), error)
         return 1
-    except Exception:
+    except Exception as error:
         clock.close("failed")
+        _record(run_dir, rank, _cause(error))
         log.exception("training failed on rank %d", rank)
         return 1
+
+
+def _record(run_dir: Path | None, rank: int, error: str) -> None:
+    if run_dir is not None:
+        record_failure(run_dir, rank, error.strip().splitlines()[0] if error.strip() else "failed")
 
 
 def start_resource_tracker() -> None:
@@ -98,20 +109,30 @@ def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
     except (UserError, NonFiniteLossError):
         raise
     except Exception as error:
+        cause = _cause(error)
+        heartbeat.failure = cause  # its last record names it: the supervisor's requeue record says why
         if env.world_size == 1:
             raise
         where = f"rank {env.rank} failed in '{heartbeat.phase}' of step {heartbeat.step}"
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         message = f"{where} ({cause})"
         peer_failed = _collective_failed(
             error
         )  # else this rank's own error is the cause: no one else to blame
+        heartbeat.peer_failed = peer_failed
         if peer_failed:
             message += f"; {heartbeat.diagnose()}"
         _report(message, error)
         raise RankFailure(message, peer_failed) from error
     finally:
         heartbeat.close()
+
+
+def _cause(error: BaseException) -> str:
+    """The error in one line; for one re-raised from a DataLoader worker, the worker's own last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if "Original Traceback" in str(error) else lines[0]
 
 
 def _report(message: str, error: BaseException) -> None:

@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             )
         slurm_job.check_fits(profile, slurm_query.partition_size(profile.partition))
     sub = slurm_job.prepare(args.config, args.overrides, profile)
+    if not args.dry_run:  # the dry run's paths are for the cluster it describes
+        slurm_job.check_visible_to_nodes(sub.config)
     layout = (
         f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) "
         f"({f'{profile.gpus_per_node} GPUs per node' if profile.gpus_per_node else 'CPU, one task per node'})"

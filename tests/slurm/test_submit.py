@@ -447,6 +447,10 @@ def test_a_user_error_on_one_rank_is_never_requeued(runs):
         "stops with a user error at step 3"
         in tracked.job.output() + (tracked.run_dir / "logs" / "rank1.log").read_text()
     ), tracked.explain()
+    code, out, err = cli("status", str(tracked.run_dir))  # the reason, not only "failed"
+    state = out.splitlines()[1]
+    assert code == 0 and "failed" in state, out
+    assert "rank 1: test hook: rank 1 stops with a user error at step 3" in state, out
 
 
 def test_failures_stop_requeueing_at_the_cap(runs):
@@ -554,6 +558,7 @@ def test_status_while_running_and_cancel_for_good(runs):
         ("gpus", "have at most 0 GPU(s)"),
         ("no_run_dir", "needs a run.dir of its own"),
         ("data", "does not exist"),
+        ("node_local", "is under /tmp, which each node has to itself"),  # each job has a private /tmp here
     ],
 )
 def test_submit_time_errors_exit_2_and_queue_nothing(slurm_cluster, slurm_tmp_path, case, expected):
@@ -572,9 +577,17 @@ def test_submit_time_errors_exit_2_and_queue_nothing(slurm_cluster, slurm_tmp_pa
         args.append("--gpus-per-node=1")
     elif case == "no_run_dir":
         args.pop(0)
+    elif case == "node_local":
+        local = Path(tempfile.mkdtemp(prefix="node-local-data-"))  # under /tmp: the login node's own
+        shutil.copytree(data, local / "data")
+        args[1] = f"data.path={local / 'data'}"
     else:
         args[1] = f"data.path={slurm_tmp_path / 'missing'}"
-    code, out, err = cli("submit", "tiny", *args, "--cluster", profile)
+    try:
+        code, out, err = cli("submit", "tiny", *args, "--cluster", profile)
+    finally:
+        if case == "node_local":
+            shutil.rmtree(local)
     assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, (code, out, err)
     queued = run(["squeue", "-h", "-n", run_dir.name, "-o", "%i"]).stdout.split()
     assert queued == [] and not (run_dir / "jobs.json").exists() and not (run_dir / "submitit").exists()

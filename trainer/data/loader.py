@@ -314,6 +314,8 @@ def build_loader(
         )
     _clean_stale_shared_memory_once()
     dataset = MappedDataset(
+        read_retries=data.read_retries,
+        read_retry_wait_s=data.read_retry_wait_s,
         streams=split_streams(data, split, info),
         epoch_size=data.epoch_size if split == "train" and data.streams else None,
         batch_size=micro_batch_size,

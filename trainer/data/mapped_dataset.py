@@ -23,6 +23,12 @@ from streaming.base.dataset import _Iterator, _IterState, _ShardState
 from streaming.base.format.mds import MDSReader
 
 from trainer.data.mds_shard import ShardFile
+from trainer.data.read_retry import (
+    InjectedReadErrors,
+    ShardReadError,
+    UnreadableShardError,
+    read_with_retries,
+)
 from trainer.data.shm_cleanup import register_owner
 from trainer.data.shm_prefix import streaming_claims_prefix
 
@@ -57,7 +63,9 @@ class MappedDataset(StreamingDataset):
     then nothing is mapped.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, read_retries: int = 5, read_retry_wait_s: float = 1.0, **kwargs: Any) -> None:
+        self._read_retries, self._read_retry_wait_s = read_retries, read_retry_wait_s
+        self._injected_read_errors = InjectedReadErrors()
         with streaming_claims_prefix():  # jobs that start together on one host get groups of their own
             super().__init__(**kwargs)
         register_owner(self._shm_prefix_int)  # so that a later start can tell when its shared memory is stale
@@ -122,6 +130,16 @@ class MappedDataset(StreamingDataset):
         return shard_file.sample(sample_id - self._shard_starts[shard_id])
 
     def get_item(self, sample_id: int, retry: int = 7) -> Any:
+        """Sample `sample_id`, its read retried through transient failures (trainer/data/read_retry.py)."""
+        return read_with_retries(
+            lambda: self._get_item_once(sample_id, retry),
+            f"reading sample {sample_id}",
+            self._read_retries,
+            self._read_retry_wait_s,
+        )
+
+    def _get_item_once(self, sample_id: int, retry: int) -> Any:
+        self._injected_read_errors.check()
         event = getattr(self, "_event", None)
         sample = None if event is not None and event.is_set() else self._fast_item(sample_id)
         return super().get_item(sample_id, retry) if sample is None else sample
@@ -159,23 +177,46 @@ class MappedDataset(StreamingDataset):
                 return
             if sample_id != -1:  # -1: a hole streaming pads the partition with
                 shard_file = shard_files.get(shard_id) or self._shard_file(shard_id)
-                yield super().get_item(sample_id) if shard_file is None else shard_file.sample(index)
+                if shard_file is None or self._injected_read_errors.left:
+                    yield self.get_item(sample_id)
+                else:
+                    yield shard_file.sample(index)
             it.yield_index += 1
         it.exit()
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        if not blocking and shard_id in self._ready_shards:
-            return  # streaming's prefetch thread asks for every sample; a ready shard needs nothing
+        if not blocking:  # streaming's background threads prefetch so; a failure is retried when read
+            if shard_id in self._ready_shards:
+                return  # the prefetch thread asks for every sample; a ready shard needs nothing
+            try:
+                self._prepare_once(shard_id, blocking)
+            except Exception as error:
+                logger.warning(
+                    "prefetching shard %d failed (%s); it is fetched again when read", shard_id, error
+                )
+            return
+        try:
+            read_with_retries(
+                lambda: self._prepare_once(shard_id, blocking),
+                f"fetching shard {shard_id}",
+                self._read_retries,
+                self._read_retry_wait_s,
+            )
+        except ShardReadError:
+            raise
+        except Exception as error:  # missing or damaged: the loader reports it as a user error
+            raise UnreadableShardError(f"a shard could not be read: {error}") from error
+
+    def _prepare_once(self, shard_id: int, blocking: bool) -> None:
+        """Streaming's `prepare_shard`; on failure the shard is left for the next try (see "Failures")."""
         try:
             super().prepare_shard(shard_id, blocking)
-        except Exception as error:
+        except Exception:
             self._forget_shard(shard_id)
             if self.streams[self.stream_per_shard[shard_id]].remote is not None:
                 self.shards[shard_id].evict()  # only cached copies: never a dataset's own files
             self._shard_states[shard_id] = _ShardState.LOCAL
-            if blocking:  # streaming's background threads prefetch with blocking=False
-                raise RuntimeError(f"a shard could not be read: {error}") from error
-            logger.warning("prefetching shard %d failed (%s); it is fetched again when read", shard_id, error)
+            raise
 
     def _evict_shard(self, shard_id: int) -> None:
         self._forget_shard(shard_id)  # unmap it in this process before the file goes

@@ -8,6 +8,8 @@ LLM_TRAIN_TEST_ABORT="RANK:STEP[:ALLOCS]"     rank RANK calls os.abort() (SIGABR
                                               step STEP, in the first ALLOCS SLURM allocations (default 1)
 LLM_TRAIN_TEST_USER_ERROR="RANK:STEP"         rank RANK raises a UserError (exit 2) at step STEP
 LLM_TRAIN_TEST_SLOW_RANK="RANK:SECONDS"       rank RANK sleeps SECONDS before every optimizer step (a straggler)
+LLM_TRAIN_TEST_READ_ERROR="RANK:COUNT"        the first COUNT sample reads of rank RANK fail with EIO (in
+                                              trainer/data/read_retry.py, where reads are retried)
 """
 
 from __future__ import annotations

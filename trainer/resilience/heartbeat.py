@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import PEER_FAILED_EXIT
+
 log = logging.getLogger(__name__)
 
 FOLDER = "heartbeats"
@@ -47,6 +49,10 @@ class Heartbeat:
         self.busy: dict[int, float] = {}
         """Seconds of the last steps this rank spent before its first collective of the optimizer step (data,
         forward, backward): what a slow rank makes the others wait for (trainer/resilience/stragglers.py)."""
+        self.failure: str | None = None
+        """Why this rank's training failed, in one line; its last record carries it (`close`)."""
+        self.peer_failed = False
+        """Whether it failed because another rank did (a collective broke): then it is never the cause."""
         self._host, self._pid, self._attempt = socket.gethostname(), os.getpid(), current_attempt()
         self._stop = threading.Event()
         self._writing = threading.Lock()  # the thread and `beat` share the temporary file
@@ -74,7 +80,8 @@ class Heartbeat:
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s)
             self._thread = None
-            self._write({"exited": True})
+            failure = {"error": self.failure, "peer_failed": self.peer_failed} if self.failure else {}
+            self._write({"exited": True, **failure})
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -105,6 +112,7 @@ class Heartbeat:
             "pid": self._pid,
             "host": self._host,
             "attempt": self._attempt,
+            "interval_s": self.interval_s,
             "busy_s": {str(step): seconds for step, seconds in list(self.busy.items())},
             **extra,
         }
@@ -189,3 +197,56 @@ def _alive(record: dict[str, Any]) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
+
+
+def _exit_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / FOLDER / f"rank{rank:05d}.exit.json"
+
+
+def record_exit(run_dir: Path, rank: int, code: int) -> None:
+    """The supervisor's note that its trainer exited with `code` now (see `first_stopped`)."""
+    path = _exit_path(run_dir, rank)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(
+            json.dumps({"rank": rank, "code": code, "time": time.time(), "attempt": current_attempt()})
+        )
+        tmp.replace(path)
+    except OSError as error:
+        log.debug("exit of rank %d not recorded: %s", rank, error)
+
+
+def first_stopped(run_dir: Path) -> tuple[int, dict[str, Any] | None, dict[str, Any] | None] | None:
+    """The rank of this attempt that stopped first: (rank, its last heartbeat, its exit record or None).
+
+    A rank has stopped when its supervisor recorded its exit (then: at that time) or when its heartbeat went
+    stale (then: at its last beat, e.g. a node that went down); a rank still beating has not. With NCCL the
+    survivors of a lost rank die by SIGABRT too, after the collective timeout: the rank that stopped first
+    is the cause, whichever task looks. A rank that failed because another did (its collective broke: exit 3,
+    `peer_failed` in its last heartbeat) is never the cause. None when no rank of this attempt has stopped.
+    """
+    now, stopped = time.time(), []
+    ranks = {int(path.name[4:9]) for path in (run_dir / FOLDER).glob("rank[0-9][0-9][0-9][0-9][0-9]*.json")}
+    for rank in sorted(ranks):
+        beat, ended = read_heartbeat(run_dir, rank), _read_exit(run_dir, rank)
+        if (beat or {}).get("peer_failed") or (ended or {}).get("code") == PEER_FAILED_EXIT:
+            continue
+        if ended is not None:
+            stopped.append((ended["time"], rank, beat, ended))
+        elif beat is not None and (
+            beat.get("exited") or now - beat["time"] > STALE_INTERVALS * beat.get("interval_s", 5.0)
+        ):
+            stopped.append((beat["time"], rank, beat, None))
+    if not stopped:
+        return None
+    _, rank, beat, ended = min(stopped, key=lambda entry: entry[:2])
+    return rank, beat, ended
+
+
+def _read_exit(run_dir: Path, rank: int) -> dict[str, Any] | None:
+    try:
+        record = json.loads(_exit_path(run_dir, rank).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("attempt") == current_attempt() else None

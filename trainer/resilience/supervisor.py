@@ -9,6 +9,8 @@ task runs `python -m trainer.main` as a child and decides when it has exited:
   exit 1, or a signal   this rank failed: name it from its heartbeat, requeue while slurm.max_requeues remain
   exit 3                a collective failed because another rank did (PEER_FAILED_EXIT): wait a little for
                         that rank's task to decide (it may be a user error), then requeue if nobody has decided
+  SIGABRT after another rank stopped    NCCL's watchdog ended a survivor (TORCH_NCCL_ASYNC_ERROR_HANDLING):
+                        as exit 3, and the cause recorded is the rank that stopped first (heartbeat.first_stopped)
 
 Every decision claims RUN_DIR/.requeue-JOB-RESTART (created at most once, with its decision in it: requeue.py), so one allocation requeues at
 most once whichever tasks survive. Stop signals (SIGUSR2, SIGTERM) are passed to the child, which starts with
@@ -29,12 +31,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from types import FrameType
 
 from trainer.errors import PEER_FAILED_EXIT, UserError
-from trainer.resilience.heartbeat import read_heartbeat
+from trainer.resilience.heartbeat import first_stopped, read_heartbeat, record_exit
 from trainer.resilience.requeue import STOP_SIGNALS, cancelled, decided, decision, record_decision, requeue
 
 PEER_DECISION_WAIT_S = 15.0
@@ -75,8 +78,9 @@ def child_environment(run_dir: Path | None) -> dict[str, str]:
     return env
 
 
-def run_child(command: list[str], env: dict[str, str]) -> int:
-    """Run the trainer with stop signals blocked (it unblocks them), passing ours on; its exit status."""
+def run_child(command: list[str], env: dict[str, str], on_exit: Callable[[int], None] | None = None) -> int:
+    """Run the trainer with stop signals blocked (it unblocks them), passing ours on; its exit status.
+    `on_exit(code)` runs as soon as it has exited, before what it left behind is ended."""
     child: subprocess.Popen | None = None
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -92,6 +96,8 @@ def run_child(command: list[str], env: dict[str, str]) -> int:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
     code = child.wait()
+    if on_exit is not None:
+        on_exit(code)
     end_leftovers()
     return code
 
@@ -145,7 +151,8 @@ def diagnose(run_dir: Path, rank: int, code: int) -> str:
         if record
         else f" on {socket.gethostname()} (no heartbeat)"
     )
-    return f"rank {rank} {describe_exit(code)}{where}"
+    error = f": {record['error']}" if record and record.get("error") else ""
+    return f"rank {rank} {describe_exit(code)}{where}{error}"
 
 
 def decide(run_dir: Path, rank: int, code: int, max_requeues: int) -> str | None:
@@ -157,22 +164,44 @@ def decide(run_dir: Path, rank: int, code: int, max_requeues: int) -> str | None
         return f"rank {rank} exited with a user error (exit 2): not requeueing"
     if cancelled(run_dir) or decision(run_dir).startswith("requeue after SIG"):
         return None  # the job is being stopped (cancel, or a preemption's requeue): SLURM ends every task
-    if code == PEER_FAILED_EXIT:
+    first = first_stopped(run_dir)
+    survivor = code in (PEER_FAILED_EXIT, -signal.SIGABRT) and first is not None and first[0] != rank
+    if code == PEER_FAILED_EXIT or survivor:  # the rank that stopped first decides (it may be a user error)
         deadline = time.monotonic() + PEER_DECISION_WAIT_S
         while time.monotonic() < deadline and not decided(run_dir):
             time.sleep(0.5)
-    message = diagnose(run_dir, rank, code)
-    record = read_heartbeat(run_dir, rank) or {}
+    if survivor:
+        message = blame(first, rank, code)
+        record = first[1] or {}
+    else:
+        message = diagnose(run_dir, rank, code)
+        record = read_heartbeat(run_dir, rank) or {}
     _, why = requeue(run_dir, max_requeues, int(record.get("step", 0)), "failure", cause=message)
     return f"{message}; {why}"
+
+
+def blame(first: tuple[int, dict | None, dict | None], rank: int, code: int) -> str:
+    """One line naming the rank that stopped first (`first_stopped`) as the cause of this rank's end."""
+    culprit, beat, ended = first
+    how = describe_exit(ended["code"]) if ended else "stopped beating"
+    where = (
+        f" in '{beat['phase']}' of step {beat['step']} (pid {beat['pid']} on {beat['host']})" if beat else ""
+    )
+    error = f" ({beat['error']})" if beat and beat.get("error") else ""
+    return f"rank {culprit} {how}{where}{error} first; rank {rank} {describe_exit(code)} after it"
 
 
 def supervise(trainer_args: list[str]) -> int:
     """Run one task's trainer and decide about the requeue; returns the task's exit code (3 reads as 1)."""
     run_dir, max_requeues = _run_settings(trainer_args)
-    code = run_child([sys.executable, "-m", "trainer.main", *trainer_args], child_environment(run_dir))
     rank = int(os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0")))
-    if run_dir is not None and "SLURM_JOB_ID" in os.environ:
+    under_slurm = run_dir is not None and "SLURM_JOB_ID" in os.environ
+    code = run_child(
+        [sys.executable, "-m", "trainer.main", *trainer_args],
+        child_environment(run_dir),
+        on_exit=(lambda code: record_exit(run_dir, rank, code)) if under_slurm else None,
+    )
+    if under_slurm:
         line = decide(run_dir, rank, code, max_requeues)
         if line:
             _log(run_dir, rank, line)
