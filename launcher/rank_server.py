@@ -46,8 +46,9 @@ PER_RANK_ENV = frozenset(
     {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
 )
 # Read only while a rank runs, never at import: test hooks (trainer.resilience.fault_injection), pytest's
-# per-test marker, the terminal size.
-LAZY_ENV_PREFIXES = ("LLM_TRAIN_TEST_", "PYTEST_", SERVER_ENV, "COLUMNS", "LINES")
+# per-test marker, the terminal size, and the address of a W&B service that the launcher's process started
+# (wandb sets it in its own process when it starts one: `llm-train eval` mirroring to W&B does).
+LAZY_ENV_PREFIXES = ("LLM_TRAIN_TEST_", "PYTEST_", SERVER_ENV, "COLUMNS", "LINES", "WANDB_SERVICE")
 _HEADER = struct.Struct("!Q")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 

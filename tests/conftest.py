@@ -9,9 +9,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# One compute thread per process: the SLURM tests run alongside the others on 2 cores, and a 1-rank run's second
-# thread (the launcher gives each rank cores // nproc) only fights them for a core on these tiny models.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _streaming_cleanup_without_holding_memory() -> None:

@@ -14,6 +14,8 @@ import torch
 from trainer_runs import by_step, host_conversions, read_metrics, train
 
 from launcher.cli import main as cli_main
+from trainer.checkpoint import newest_valid_step
+from trainer.checkpoint.steps import step_dir_name
 from trainer.config import DataConfig, load_config
 from trainer.data.batches import instruction_targets
 from trainer.data.loader import build_loader
@@ -21,6 +23,7 @@ from trainer.data.prepare import PrepareOptions, run_prepare
 from trainer.data.prepare.instructions import RecordCounts, encode
 from trainer.data.prepare.stdlib_instructions import stdlib_records
 from trainer.models.build import build_model
+from trainer.models.load import full_state_dict
 from trainer.parallel.inputs import model_inputs
 
 SEQ_LEN = 128
@@ -170,8 +173,8 @@ def test_instruction_targets_restart_positions_and_never_predict_across_a_bounda
 @pytest.fixture(scope="module")
 def sft_runs(chat_data, tmp_path_factory) -> dict[str, Path]:
     """6 steps of global batch 8 on the chat data: 1 rank x micro 8, 1 rank x micro 2 (4 accumulated),
-    2 ranks x micro 2 (2 accumulated) straight and stopped at 3 then resumed; DeepSpeed on 2 ranks straight
-    and stopped at 3 then resumed."""
+    2 ranks x micro 2 (2 accumulated) with each backend straight, and each of these resumed in a run folder
+    of its own from the straight run's step-3 checkpoint (checkpoint.resume=that folder)."""
     _, data, _ = chat_data
     root = tmp_path_factory.mktemp("sft")
     evals = ["eval.every_steps=6", "eval.batches=2"]
@@ -180,8 +183,8 @@ def sft_runs(chat_data, tmp_path_factory) -> dict[str, Path]:
     for backend in ("fsdp", "deepspeed"):
         common = [*SFT, "train.micro_batch_size=2", f"parallel.backend={backend}"]
         train(root / f"{backend}-2x2", data, nproc=2, overrides=common)
-        train(root / f"{backend}-resumed", data, nproc=2, overrides=[*common, "train.stop_at_step=3"])
-        train(root / f"{backend}-resumed", data, nproc=2, overrides=common)
+        step_3 = root / f"{backend}-2x2" / "checkpoints" / step_dir_name(3)
+        train(root / f"{backend}-resumed", data, nproc=2, overrides=[*common, f"checkpoint.resume={step_3}"])
     return {path.name: path for path in root.iterdir()}
 
 
@@ -207,9 +210,17 @@ def test_loss_and_gradients_do_not_depend_on_micro_batch_or_world_size(sft_runs)
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_an_sft_run_resumes_bitwise_mid_epoch(backend, sft_runs):
+    """From the step-3 checkpoint (mid-epoch), steps 4-6 and the final weights are bitwise the straight run's.
+    (A run stopped by train.stop_at_step saves what the straight run saves at that step: the same save;
+    stop-and-resume in one folder is tests/test_checkpoint.py's.)"""
     straight, resumed = read_metrics(sft_runs[f"{backend}-2x2"]), read_metrics(sft_runs[f"{backend}-resumed"])
     assert any(r.get("event") == "resume" and r["step"] == 3 for r in resumed)
-    assert by_step(resumed) == by_step(straight) and len(by_step(straight)) == 6
+    expected = by_step(straight)
+    assert by_step(resumed) == {step: expected[step] for step in range(4, 7)} and len(expected) == 6
+    final = full_state_dict(newest_valid_step(sft_runs[f"{backend}-resumed"] / "checkpoints").step_dir)
+    reference = full_state_dict(newest_valid_step(sft_runs[f"{backend}-2x2"] / "checkpoints").step_dir)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[name], tensor) for name, tensor in reference.items())
 
 
 def test_validation_is_over_response_tokens_in_training_and_in_eval(sft_runs, capsys):

@@ -17,6 +17,7 @@ from trainer_runs import by_step, read_metrics, train
 
 from launcher.cli import main as cli_main
 from trainer.checkpoint import newest_valid_step
+from trainer.checkpoint.steps import step_dir_name
 from trainer.config import DataConfig, load_config, model_shape
 from trainer.errors import UserError
 from trainer.evaluation import validation_loss
@@ -36,13 +37,14 @@ def assert_close(got: dict[int, float], expected: dict[int, float], steps: range
 
 @pytest.fixture(scope="module")
 def llama_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
-    """llama-tiny, 8 steps: FSDP on 2 ranks straight; FSDP stopped at 4 and resumed on 2 ranks; FSDP on 1
-    rank stopped at 4 and resumed on 2; DeepSpeed on 2 ranks straight."""
+    """llama-tiny, 8 steps: FSDP on 2 ranks straight; FSDP on 2 ranks resumed from the straight run's step-4
+    checkpoint in a run folder of its own; FSDP on 1 rank stopped at 4 and resumed on 2 (a stop and resume in
+    one folder); DeepSpeed on 2 ranks straight."""
     root = tmp_path_factory.mktemp("llama")
     data = demo_dataset.path
     train(root / "fsdp", data, nproc=2, overrides=LLAMA)
-    train(root / "stopped", data, nproc=2, overrides=[*LLAMA, "train.stop_at_step=4"])
-    train(root / "stopped", data, nproc=2, overrides=LLAMA)
+    step_4 = root / "fsdp" / "checkpoints" / step_dir_name(4)
+    train(root / "stopped", data, nproc=2, overrides=[*LLAMA, f"checkpoint.resume={step_4}"])
     train(root / "one-rank", data, nproc=1, overrides=[*LLAMA, "train.stop_at_step=4"])
     train(root / "one-rank", data, nproc=2, overrides=LLAMA)
     train(root / "deepspeed", data, nproc=2, overrides=[*LLAMA, "parallel.backend=deepspeed"])
@@ -52,7 +54,11 @@ def llama_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
 def test_llama_tiny_resumes_bitwise_after_a_stop(llama_runs):
     straight, resumed = read_metrics(llama_runs["fsdp"]), read_metrics(llama_runs["stopped"])
     assert next(r for r in straight if r.get("event") == "start")["arch"] == "llama"
-    assert by_step(resumed) == by_step(straight) and len(by_step(straight)) == 8
+    expected_losses = by_step(straight)
+    assert (
+        by_step(resumed) == {step: expected_losses[step] for step in range(5, 9)}
+        and len(expected_losses) == 8
+    )
     assert any(r.get("event") == "resume" and r["step"] == 4 for r in resumed)
     final = full_state_dict(newest_valid_step(llama_runs["stopped"] / "checkpoints").step_dir)
     expected = full_state_dict(newest_valid_step(llama_runs["fsdp"] / "checkpoints").step_dir)

@@ -78,7 +78,7 @@ def test_a_launcher_whose_environment_differs_is_refused(server):
     env = dict(os.environ, RANK="0", HF_HUB_OFFLINE="0" if os.environ.get("HF_HUB_OFFLINE") == "1" else "1")
     assert server.start_rank("rank_probe", ["0"], env) is None
     # per-rank and lazily read variables may differ
-    env = dict(os.environ, RANK="0", MASTER_PORT="1", LLM_TRAIN_TEST_STALL="0:1:1")
+    env = dict(os.environ, RANK="0", MASTER_PORT="1", LLM_TRAIN_TEST_STALL="0:1:1", WANDB_SERVICE="2-1-tcp-1")
     rank = server.start_rank("rank_probe", ["0"], env)
     assert rank is not None and rank.wait(timeout=30) == 0
 
