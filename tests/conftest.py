@@ -92,7 +92,17 @@ def rank_server():
 
     server = RankServer.spawn(("trainer.main", "deepspeed", "wandb"))
     os.environ[SERVER_ENV] = server.socket_path
+    start_rank = RankServer.start_rank
+
+    def noting_refusals(self, module, args, env):
+        rank = start_rank(self, module, args, env)
+        if rank is None and self.socket_path == server.socket_path:
+            REFUSED_LAUNCHES.append((os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], self.refusal))
+        return rank
+
+    RankServer.start_rank = noting_refusals
     yield server
+    RankServer.start_rank = start_rank
     os.environ.pop(SERVER_ENV, None)
     server.close()
 
@@ -115,11 +125,27 @@ def pytest_runtest_logreport(report) -> None:
             file.write(f"{report.duration:.3f}\t{report.when}\t{report.nodeid}\n")
 
 
-def pytest_terminal_summary(terminalreporter) -> None:
-    """One prominent line when SLURM tests were skipped, with the command that enables them.
+REFUSED_LAUNCHES: list[tuple[str, str | None]] = []
+"""(test, reason) of each launch the session's rank server could not serve: each started a server of its own,
+seconds of imports. A few are by design (a PYTHONPATH hook); many mean a test changed the environment."""
 
-    `make test` (tests/run_suite.sh) repeats it as the last line of its output, through $LLM_TEST_SUMMARY_FILE.
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The launches the shared rank server could not serve, by reason; and one prominent line when SLURM tests
+    were skipped, with the command that enables them.
+
+    `make test` (tests/run_suite.sh) repeats the SLURM line as the last line of its output, through
+    $LLM_TEST_SUMMARY_FILE.
     """
+    if REFUSED_LAUNCHES:
+        reasons: dict[str | None, list[str]] = {}
+        for test, reason in REFUSED_LAUNCHES:
+            reasons.setdefault(reason, []).append(test)
+        terminalreporter.write_sep(
+            "-", f"{len(REFUSED_LAUNCHES)} launches started a rank server of their own"
+        )
+        for reason, tests in reasons.items():
+            terminalreporter.write_line(f"{len(tests)} x {reason} (first: {tests[0]})")
     skipped = [report for report in terminalreporter.stats.get("skipped", []) if "slurm" in report.keywords]
     if not skipped:
         return

@@ -2,9 +2,9 @@
 
 Streaming picks the lowest free group number in /dev/shm; two jobs racing used to pick the same one
 and the second died with `FileExistsError: .../0000xx_locals` (`trainer.data.shm_prefix`). Each job
-here (four of one rank and two of two ranks, in one run) is a set of spawned processes with a job identity
-of its own (SLURM_JOB_ID, master port), all released by one barrier, ten times over, on the same dataset
-(the same local folders: the case where streaming's own check cannot tell two jobs' groups apart).
+here is a set of spawned processes with a job identity of its own (SLURM_JOB_ID, master port), all
+released by one barrier, ten times over, on the same dataset (the same local folders: the case where
+streaming's own check cannot tell two jobs' groups apart).
 """
 
 from __future__ import annotations
@@ -113,36 +113,24 @@ def _assert_each_job_has_a_group_of_its_own(
         assert len(set(numbers)) == jobs, f"round {round_}: jobs share a group: {numbers}"
 
 
-RANKS_PER_JOB = [1, 1, 1, 1, 2, 2]
-"""The jobs that start together, all released by one barrier: four of one rank and two of two ranks."""
+def test_four_jobs_starting_at_one_instant_never_collide_on_shared_memory(tmp_path: Path) -> None:
+    results = run_jobs([1, 1, 1, 1], tmp_path)
+    _assert_each_job_has_a_group_of_its_own(results, jobs=4)
+    for result in results.values():  # unshuffled, one rank: each job's first batch is samples 0 and 1
+        assert result["ids"] == [[0, 1]] * ROUNDS
 
 
-@pytest.fixture(scope="module")
-def jobs_started_together(tmp_path_factory) -> dict[tuple[int, int], dict[str, Any]]:
-    """One run of the jobs of RANKS_PER_JOB; each test below reads the jobs it is about, and every job races
-    with all the others."""
-    return run_jobs(RANKS_PER_JOB, tmp_path_factory.mktemp("jobs"))
-
-
-def test_four_jobs_starting_at_one_instant_never_collide_on_shared_memory(jobs_started_together) -> None:
-    results = jobs_started_together
-    _assert_each_job_has_a_group_of_its_own(results, jobs=len(RANKS_PER_JOB))
-    one_rank_jobs = [job for job, ranks in enumerate(RANKS_PER_JOB) if ranks == 1]
-    assert len(one_rank_jobs) == 4
-    for job in one_rank_jobs:  # unshuffled, one rank: each job's first batch is samples 0 and 1
-        assert results[(job, 0)]["ids"] == [[0, 1]] * ROUNDS
-
-
-def test_ranks_of_jobs_starting_together_share_their_own_leaders_group(jobs_started_together) -> None:
+@pytest.mark.parametrize("ranks_per_job", [[2, 2]])
+def test_ranks_of_jobs_starting_together_share_their_own_leaders_group(
+    ranks_per_job: list[int], tmp_path: Path
+) -> None:
     """Each rank learns the group from its local leader, never from a scan that another job's start can change."""
-    results = jobs_started_together
-    _assert_each_job_has_a_group_of_its_own(results, jobs=len(RANKS_PER_JOB))
-    two_rank_jobs = [job for job, ranks in enumerate(RANKS_PER_JOB) if ranks == 2]
-    assert len(two_rank_jobs) == 2
-    for job in two_rank_jobs:  # together, a job's ranks read its first global batch
+    results = run_jobs(ranks_per_job, tmp_path)
+    _assert_each_job_has_a_group_of_its_own(results, jobs=len(ranks_per_job))
+    for job, ranks in enumerate(ranks_per_job):  # together, a job's ranks read its first global batch
         for round_ in range(ROUNDS):
-            ids = sorted(sum((results[(job, rank)]["ids"][round_] for rank in range(2)), []))
-            assert ids == list(range(MICRO_BATCH * 2))
+            ids = sorted(sum((results[(job, rank)]["ids"][round_] for rank in range(ranks)), []))
+            assert ids == list(range(MICRO_BATCH * ranks))
 
 
 # --- the lost race, in one process --------------------------------------------------------------
