@@ -198,11 +198,13 @@ def test_nccl_settings_are_defaults_the_site_can_override(monkeypatch, tmp_path)
     assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "nccl_traces" / "rank_")
 
 
-def test_supervise_runs_the_trainer_and_reports_its_user_error(tmp_path, monkeypatch):
-    """The whole path without SLURM: a config error in the trainer is exit 2 from the task, nothing decided."""
+def test_supervise_runs_the_trainer_and_reports_its_user_error(tmp_path, monkeypatch, rank_server):
+    """The whole path without SLURM: a config error in the trainer is exit 2 from the task, nothing decided.
+    What this process had started before (here: the session's rank server) is not the trainer's to end."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     code = supervise(["tiny", f"run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'missing'}"])
     assert code == 2
+    assert rank_server.process.poll() is None, "the supervisor ended a process the trainer had not started"
     assert markers(tmp_path / "run") == {}
     for sig in (signal.SIGUSR2, signal.SIGTERM):
         assert signal.getsignal(sig) == signal.SIG_IGN

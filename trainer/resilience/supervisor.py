@@ -90,6 +90,7 @@ def run_child(command: list[str], env: dict[str, str], on_exit: Callable[[int], 
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    earlier_children = set(_children())  # not the trainer's: never ended here (run_child may be embedded)
     adopt_orphans()
     try:
         child = subprocess.Popen(command, env=env)
@@ -98,7 +99,7 @@ def run_child(command: list[str], env: dict[str, str], on_exit: Callable[[int], 
     code = child.wait()
     if on_exit is not None:
         on_exit(code)
-    end_leftovers()
+    end_leftovers(spare=earlier_children)
     return code
 
 
@@ -112,11 +113,11 @@ def adopt_orphans() -> None:
         libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def end_leftovers() -> None:
-    """Kill and reap every remaining descendant of this process (the trainer has exited)."""
-    me = os.getpid()
+def end_leftovers(spare: set[int] = frozenset()) -> None:
+    """Kill and reap every remaining descendant of this process (the trainer has exited) but `spare`, the
+    children this process had before it started the trainer."""
     while True:
-        children = [pid for pid, parent in _parents().items() if parent == me]
+        children = [pid for pid in _children() if pid not in spare]
         if not children:
             return
         for pid in children:
@@ -125,6 +126,11 @@ def end_leftovers() -> None:
         for pid in children:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
+
+
+def _children() -> list[int]:
+    me = os.getpid()
+    return [pid for pid, parent in _parents().items() if parent == me]
 
 
 def _parents() -> dict[int, int]:
