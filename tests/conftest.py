@@ -24,13 +24,29 @@ def _streaming_cleanup_without_holding_memory() -> None:
 
     original_init = memory.SharedMemory.__init__
 
+    created: set[str] = set()
+
     def init(self, *args, auto_cleanup: bool = True, **kwargs) -> None:
         original_init(self, *args, auto_cleanup=False, **kwargs)
+        if self.created_shms:
+            created.add(self.shm.name)
         if auto_cleanup:
             block = weakref.ref(self)
             atexit.register(lambda: (live := block()) is not None and live.cleanup())
 
+    def unlink_what_this_session_created() -> None:
+        """The blocks this process created and closed early stay in /dev/shm (nothing of streaming's
+        unlinks them any more): on a shared host every session would leave a hundred behind."""
+        from _posixshmem import shm_unlink
+
+        for name in created:
+            try:
+                shm_unlink(name if name.startswith("/") else f"/{name}")
+            except OSError:
+                pass  # unlinked by its own cleanup, or by the stale-group cleanup
+
     memory.SharedMemory.__init__ = init
+    atexit.register(unlink_what_this_session_created)
 
 
 _streaming_cleanup_without_holding_memory()

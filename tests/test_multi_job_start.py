@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 from mds_fixtures import sample_ids, write_dataset
-from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+from streaming.base.constant import LOCALS
 from streaming.base.shared import SharedMemory
 from streaming.base.world import World
 from trainer_runs import run_to_completion
@@ -140,13 +140,13 @@ def test_ranks_of_jobs_starting_together_share_their_own_leaders_group(
 def taken_group(monkeypatch: pytest.MonkeyPatch):
     """A real `locals` segment under a number that the next scans report as free, as after a lost race.
 
-    The scan is streaming's own; only its answer is held back for `stale_scans` calls, the way it
-    goes stale when another job registers between our scan and our create.
+    The scan is the real one; only its answer is held back for `calls["left"]` scans, the way it goes stale
+    when another job registers between our scan and our create.
     """
     number = 900000 + os.getpid() % 100000  # far above the numbers of live loaders
     taken = SharedMemory(f"{number:06d}_{LOCALS}", True, 64)
     calls = {"stale": 0, "left": 0}
-    real_scan = shm_prefix._check_and_find_retrying
+    real_scan = shm_prefix._scan
 
     def scan(*args: Any, **kwargs: Any) -> int:
         if calls["left"] > 0:
@@ -155,7 +155,7 @@ def taken_group(monkeypatch: pytest.MonkeyPatch):
             return number
         return real_scan(*args, **kwargs)
 
-    monkeypatch.setattr(shm_prefix, "_check_and_find_retrying", scan)
+    monkeypatch.setattr(shm_prefix, "_scan", scan)
     monkeypatch.setattr(shm_prefix, "_MAX_WAIT_S", 0.0)
     yield number, calls
     taken.cleanup()
@@ -163,10 +163,10 @@ def taken_group(monkeypatch: pytest.MonkeyPatch):
 
 def test_a_lost_race_is_scanned_again_and_wins_a_free_number(taken_group, tmp_path: Path) -> None:
     number, calls = taken_group
-    calls["left"] = len(SHM_TO_CLEAN) * 3  # three attempts in a row see the taken number as free
+    calls["left"] = 3  # three attempts in a row see the taken number as free
     prefix_int, shm = shm_prefix.claim_shm_prefix([str(tmp_path)], [None], World.detect())
     try:
-        assert prefix_int != number and calls["stale"] == len(SHM_TO_CLEAN) * 3
+        assert prefix_int != number and calls["stale"] == 3
         assert shm.shm.name.lstrip("/") == f"{prefix_int:06d}_{LOCALS}"
     finally:
         shm.cleanup()
@@ -179,7 +179,7 @@ def test_losing_every_race_is_a_clear_error_after_bounded_attempts(taken_group, 
         shm_prefix.PrefixClaimError, match=rf"{shm_prefix.CLAIM_ATTEMPTS} attempts .* lost the race"
     ):
         shm_prefix.claim_shm_prefix([str(tmp_path)], [None], World.detect())
-    assert calls["stale"] == len(SHM_TO_CLEAN) * shm_prefix.CLAIM_ATTEMPTS
+    assert calls["stale"] == shm_prefix.CLAIM_ATTEMPTS
 
 
 def test_a_live_loader_caching_a_remote_in_the_same_folder_is_a_user_error(tmp_path: Path) -> None:

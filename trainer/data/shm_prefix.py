@@ -22,17 +22,19 @@ does). A failure of the leader reaches every rank of the job, so none waits for 
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from tempfile import gettempdir
 
 import streaming.base.dataset as streaming_dataset
 import torch.distributed as dist
-from streaming.base.constant import LOCALS, SHM_TO_CLEAN
+from streaming.base.constant import BARRIER_FILELOCK, CACHE_FILELOCK, LOCALS, SHM_TO_CLEAN, TICK
 from streaming.base.shared import SharedMemory
 from streaming.base.shared.prefix import (
-    _check_and_find_retrying,
     _check_self,
     _get_path,
     _pack_locals,
@@ -47,6 +49,7 @@ CLAIM_ATTEMPTS = 20
 _MAX_WAIT_S = 0.05
 """Upper bound of the random wait after a lost race, times the attempt number."""
 _STREAMING_GET_SHM_PREFIX = streaming_dataset.get_shm_prefix
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 
 
 class PrefixClaimError(RuntimeError):
@@ -105,18 +108,53 @@ def _claim_as_leader(
 
 
 def _lowest_free_number(streams_local: list[str], streams_remote: list[str | None], retry: int) -> int:
-    """Streaming's scan: the first number free under every segment name; a live group caching a
-    remote stream in one of our folders is a UserError (two jobs would overwrite each other's cache)."""
-    try:
-        return max(
-            _check_and_find_retrying(streams_local, streams_remote, shm_name=name, retry=retry)
-            for name in SHM_TO_CLEAN
+    """The first number free under every segment name; a live group caching a remote stream in one of our
+    folders is a UserError (two jobs would overwrite each other's cache)."""
+    for attempt in range(1 + retry):
+        try:
+            return _scan(streams_local, streams_remote)
+        except ValueError as error:
+            if attempt == retry:
+                raise UserError(
+                    f"another data loader on this host caches a remote dataset in {', '.join(streams_local)}; "
+                    "give this job a data.path of its own (data.streams[].path for a mixture)"
+                ) from error
+            time.sleep(TICK)  # streaming's grace: a group being released may still list the folder
+    raise AssertionError("unreachable")
+
+
+def _scan(streams_local: list[str], streams_remote: list[str | None]) -> int:
+    """streaming's `_check_and_find` for every segment name, from one listing of /dev/shm.
+
+    Streaming walks the numbers up to the first one free under a name and maps each existing segment on
+    the way, keeping it open (its handle registers an atexit cleanup) until the process exits: on a host
+    where other jobs left a hundred groups every scan holds hundreds of descriptors more (a few loaders
+    run out of them, EMFILE), and a live group above a hole left by a killed one escapes its check for a
+    shared cache folder. Here every `locals` segment is read as a file and closed, and the number is the
+    lowest that no segment and no file lock of streaming's uses."""
+    taken: set[int] = set()
+    for entry in os.listdir(SHM_DIR):
+        number, _, kind = entry.partition("_")
+        if len(number) != 6 or not number.isdigit() or kind not in SHM_TO_CLEAN:
+            continue
+        taken.add(int(number))
+        if kind == LOCALS and any(remote is not None for remote in streams_remote):
+            try:
+                with open(os.path.join(SHM_DIR, entry), "rb") as segment:
+                    their_locals, _ = _unpack_locals(segment.read())
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or not ours to read
+            for local, remote in zip(streams_local, streams_remote, strict=True):
+                if remote is not None and local in their_locals:
+                    raise ValueError(f"Reused local directory: {streams_local} vs {their_locals}")
+    for prefix_int in itertools.count():
+        locks = (
+            os.path.join(gettempdir(), _get_path(prefix_int, lock))
+            for lock in (BARRIER_FILELOCK, CACHE_FILELOCK)
         )
-    except ValueError as error:  # streaming's "Reused local directory"
-        raise UserError(
-            f"another data loader on this host caches a remote dataset in {', '.join(streams_local)}; "
-            "give this job a data.path of its own (data.streams[].path for a mixture)"
-        ) from error
+        if prefix_int not in taken and not any(os.path.exists(lock) for lock in locks):
+            return prefix_int
+    raise AssertionError("unreachable")
 
 
 def _leaders_outcome(mine: Outcome, world: World) -> Outcome:
