@@ -9,6 +9,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# lm_eval sets this when imported (tests/test_task_eval.py imports it here): set from the start, so that the
+# launches after that import still match the session's rank server.
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
 
 
 def _streaming_cleanup_without_holding_memory() -> None:
