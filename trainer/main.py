@@ -61,30 +61,30 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as error:
         clock.close("failed")
-        _record(run_dir, rank, str(error))
+        _record(run_dir, rank, error)
         log.error("%s", error)
         if rank == 0:
             print(f"llm-train: error: {error}", file=sys.stderr)
         return 2
     except RankFailure as failure:
         clock.close("failed")
-        _record(run_dir, rank, str(failure))
+        _record(run_dir, rank, failure)
         return PEER_FAILED_EXIT if failure.peer_failed else 1
     except NonFiniteLossError as error:
         clock.close("failed")
-        _record(run_dir, rank, str(error))
+        _record(run_dir, rank, error)
         _report(str(error), error)
         return 1
     except Exception as error:
         clock.close("failed")
-        _record(run_dir, rank, _cause(error))
+        _record(run_dir, rank, error)
         log.exception("training failed on rank %d", rank)
         return 1
 
 
-def _record(run_dir: Path | None, rank: int, error: str) -> None:
+def _record(run_dir: Path | None, rank: int, error: BaseException) -> None:
     if run_dir is not None:
-        record_failure(run_dir, rank, error.strip().splitlines()[0] if error.strip() else "failed")
+        record_failure(run_dir, rank, _cause(error))
 
 
 def start_resource_tracker() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.atomic import atomic_write_text
 from trainer.errors import PEER_FAILED_EXIT
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,13 @@ class Heartbeat:
 
 def read_heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
     """A rank's last heartbeat record in this attempt, or None when it wrote none (or a single-process run)."""
+    return _read_this_attempts(run_dir / FOLDER / f"rank{rank:05d}.json")
+
+
+def _read_this_attempts(path: Path) -> dict[str, Any] | None:
+    """The JSON record at `path` when the current attempt wrote it (an earlier attempt's names nothing)."""
     try:
-        record = json.loads((run_dir / FOLDER / f"rank{rank:05d}.json").read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return record if record.get("attempt") == current_attempt() else None
@@ -206,13 +212,10 @@ def _exit_path(run_dir: Path, rank: int) -> Path:
 def record_exit(run_dir: Path, rank: int, code: int) -> None:
     """The supervisor's note that its trainer exited with `code` now (see `first_stopped`)."""
     path = _exit_path(run_dir, rank)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(
-            json.dumps({"rank": rank, "code": code, "time": time.time(), "attempt": current_attempt()})
-        )
-        tmp.replace(path)
+        record = {"rank": rank, "code": code, "time": time.time(), "attempt": current_attempt()}
+        atomic_write_text(path, json.dumps(record))
     except OSError as error:
         log.debug("exit of rank %d not recorded: %s", rank, error)
 
@@ -245,8 +248,4 @@ def first_stopped(run_dir: Path) -> tuple[int, dict[str, Any] | None, dict[str, 
 
 
 def _read_exit(run_dir: Path, rank: int) -> dict[str, Any] | None:
-    try:
-        record = json.loads(_exit_path(run_dir, rank).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("attempt") == current_attempt() else None
+    return _read_this_attempts(_exit_path(run_dir, rank))
