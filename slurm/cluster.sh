@@ -29,6 +29,7 @@ NODES=(node1 node2)
 SLURMD_PORTS=17001-17002
 CTLD_PORT=6817
 CRED_EXPIRE=10
+REQUEUE_HOLD_S=4 # see prolog_slurmctld.sh.in
 MIN_JOB_AGE=60
 MARKER="# llm-training local test cluster"
 MUNGE_KEY=/etc/munge/munge.key
@@ -160,6 +161,8 @@ render() { # template -> stdout
 		-e "s|@CTLD_HOST@|$(hostname -s)|g" \
 		-e "s|@CTLD_PORT@|$CTLD_PORT|g" \
 		-e "s|@CRED_EXPIRE@|$CRED_EXPIRE|g" \
+		-e "s|@REQUEUE_HOLD_S@|$REQUEUE_HOLD_S|g" \
+		-e "s|@CONF_DIR@|$CONF_DIR|g" \
 		-e "s|@STATE_DIR@|$STATE_DIR|g" \
 		-e "s|@RUN_DIR@|$RUN_DIR|g" \
 		-e "s|@LOG_DIR@|$LOG_DIR|g" \
@@ -180,7 +183,7 @@ write_config() {
 		die "unfilled placeholder in $1: $(grep -o '@[A-Z_]*@' <<<"$new" | sort -u | tr '\n' ' ')"
 	fi
 	if [[ -e $2 ]]; then
-		head -n 1 "$2" | grep -qF "$MARKER" ||
+		head -n 2 "$2" | grep -qF "$MARKER" ||
 			die "$2 exists and was not written by this script: move it away to use the local test cluster"
 		[[ $new == "$(<"$2")" ]] && return 0
 	fi
@@ -197,6 +200,8 @@ write_configs() { # sets CONFIG_CHANGED=1 when a config changed
 	mkdir -p "$CONF_DIR"
 	write_config "$HERE/slurm.conf.in" "$CONF_DIR/slurm.conf"
 	write_config "$HERE/job_container.conf.in" "$CONF_DIR/job_container.conf"
+	write_config "$HERE/prolog_slurmctld.sh.in" "$CONF_DIR/prolog_slurmctld.sh"
+	chmod 755 "$CONF_DIR/prolog_slurmctld.sh"
 }
 
 ensure_hosts() {
