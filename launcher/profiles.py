@@ -44,6 +44,10 @@ class ClusterProfile:
     qos: str | None = None
     constraint: str | None = None
     nodes: int = 1
+    min_nodes: int | None = None
+    """Start (and, after a requeue, come back) on as few as this many nodes when no more are free; None: always
+    `nodes`. The global batch stays: micro batch x accumulation adapts to each allocation's world size, and the
+    run resumes from its checkpoint on the new world size."""
     gpus_per_node: int = 0
     """One task per GPU; 0 means a CPU cluster: one task per node."""
     gpu: str | None = None
@@ -67,6 +71,17 @@ class ClusterProfile:
     @property
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
+
+    @property
+    def node_counts(self) -> range:
+        """Every node count an allocation of this profile may have."""
+        return range(self.min_nodes or self.nodes, self.nodes + 1)
+
+    @property
+    def sbatch_nodes(self) -> int | str:
+        """sbatch --nodes: N, or MIN-MAX with min_nodes."""
+        low = self.node_counts.start
+        return self.nodes if low == self.nodes else f"{low}-{self.nodes}"
 
     @property
     def time_s(self) -> int:
@@ -127,6 +142,7 @@ _KEYS: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "qos": ((str,), True, "a QOS name or null"),
     "constraint": ((str,), True, "a node feature expression or null"),
     "nodes": ((int,), False, "a whole number"),
+    "min_nodes": ((int,), True, "a whole number up to nodes, or null"),
     "gpus_per_node": ((int,), False, "a whole number (0 on CPU clusters)"),
     "gpu": ((str,), True, "a GPU model such as h100, or null"),
     "cpus_per_task": ((int,), True, "a whole number or null"),
@@ -176,14 +192,15 @@ def load_profile(name_or_path: str) -> ClusterProfile:
 
 
 def with_overrides(
-    profile: ClusterProfile, nodes: int | None, gpus_per_node: int | None, time: str | None
+    profile: ClusterProfile,
+    nodes: int | None,
+    gpus_per_node: int | None,
+    time: str | None,
+    min_nodes: int | None = None,
 ) -> ClusterProfile:
-    """The profile with the command line's --nodes/--gpus-per-node/--time applied and validated."""
-    changes = {
-        key: value
-        for key, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("time", time))
-        if value is not None
-    }
+    """The profile with the command line's --nodes/--min-nodes/--gpus-per-node/--time applied and validated."""
+    options = (("nodes", nodes), ("min_nodes", min_nodes), ("gpus_per_node", gpus_per_node), ("time", time))
+    changes = {key: value for key, value in options if value is not None}
     updated = replace(profile, **changes)
     validate_profile(updated, "command line")
     return updated
@@ -193,10 +210,18 @@ def validate_profile(profile: ClusterProfile, where: str) -> None:
     problems = []
     if not profile.partition.strip():
         problems.append("partition must not be empty")
-    for key, low in (("nodes", 1), ("gpus_per_node", 0), ("cpus_per_task", 1), ("mem_gb", 0)):
+    for key, low in (
+        ("nodes", 1),
+        ("min_nodes", 1),
+        ("gpus_per_node", 0),
+        ("cpus_per_task", 1),
+        ("mem_gb", 0),
+    ):
         value = getattr(profile, key)
         if value is not None and value < low:
             problems.append(f"{key}={value} must be >= {low}")
+    if profile.min_nodes is not None and profile.min_nodes > profile.nodes:
+        problems.append(f"min_nodes={profile.min_nodes} must not exceed nodes={profile.nodes}")
     try:
         parse_time(profile.time)
     except UserError as error:

@@ -97,13 +97,17 @@ def prepare(config_arg: str, overrides: list[str], profile: ClusterProfile) -> S
         raise UserError(conflicts[0])
     info = read_dataset_info(config.data.path, config.data.remote)
     check_mixture(config.data, info)
-    try:
-        plan = batch_plan(config.train, profile.world_size, info.seq_len)
-    except UserError as error:
-        raise UserError(
-            f"{error} (world size {profile.world_size} = {profile.nodes} nodes x {profile.tasks_per_node} "
-            f"tasks per node; change --nodes or the batch sizes)"
-        ) from error
+    plans = []
+    for nodes in reversed(profile.node_counts):  # every world size an allocation may have must divide
+        world_size = nodes * profile.tasks_per_node
+        try:
+            plans.append(batch_plan(config.train, world_size, info.seq_len))
+        except UserError as error:
+            raise UserError(
+                f"{error} (world size {world_size} = {nodes} nodes x {profile.tasks_per_node} tasks per node; "
+                f"change --nodes{', --min-nodes' if profile.min_nodes else ''} or the batch sizes)"
+            ) from error
+    plan = plans[0]  # the full allocation's
     lead = config.slurm.signal_lead_s
     if not 0 < lead <= MAX_SIGNAL_LEAD_S:
         raise UserError(f"slurm.signal_lead_s={lead} must be between 1 and {MAX_SIGNAL_LEAD_S} seconds")
@@ -178,7 +182,7 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "account": profile.account,
         "qos": profile.qos,
         "constraint": profile.constraint,
-        "nodes": profile.nodes,
+        "nodes": profile.sbatch_nodes,
         "ntasks_per_node": profile.tasks_per_node,
         "gpus_per_node": profile.gpus_per_node or None,
         "cpus_per_task": profile.cpus_per_task,
@@ -243,6 +247,7 @@ def _record_job(sub: Submission, job_id: str, overrides: list[str], config_arg: 
             "profile": sub.profile.name,
             "partition": sub.profile.partition,
             "nodes": sub.profile.nodes,
+            **({"min_nodes": sub.profile.min_nodes} if sub.profile.min_nodes else {}),
             "tasks_per_node": sub.profile.tasks_per_node,
             "gpus_per_node": sub.profile.gpus_per_node,
             "world_size": sub.profile.world_size,

@@ -167,3 +167,36 @@ def test_status_shows_goodput(capsys, tmp_path):
     assert cli_main(["status", str(run_dir)]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("goodput"))
     assert row.split(None, 1)[1] == format_goodput(summarize(run_dir))
+
+
+def test_time_lost_is_charged_to_the_fault_that_ended_each_attempt(tmp_path):
+    """Each requeued attempt's redone work, its shut-down and the next attempt's start-up go to the kind of
+    fault that requeues.json recorded for it (matched by job and allocation); the last attempt is no fault."""
+    events = [
+        {"job_id": "7", "restart_count": 0, "step": 0, "signal": "SIGTERM"},
+        {"job_id": "7", "restart_count": 1, "step": 9, "signal": "failure",
+         "cause": "rank 1 was killed by SIGKILL in 'checkpoint save' of step 9 (pid 5 on node2)"},
+        {"job_id": "7", "restart_count": 2, "step": 15, "signal": "failure",
+         "cause": "rank 0 failed in 'checkpoint save' of step 15 (checkpoint step 15 could not be written to /r "
+                  "(rank 0: [Errno 28] No space left on device); 0.0 MiB free there; the disk (or the quota) is full: "
+                  "a SLURM job is requeued and resumes from it; free space if it stays full)"},
+    ]  # fmt: skip
+    (tmp_path / "requeues.json").write_text(json.dumps({"count": 3, "events": events}))
+    job = {"job_id": "7"}
+    _write_attempt(tmp_path, "0", 1000.0, {"startup": 5, "shutdown": 2}, restart_count=0, **job)
+    _write_attempt(tmp_path, "1", 2000.0, {"startup": 7, "productive": 30, "shutdown": 1}, restart_count=1,
+                   last_step=9, productive_at={"6": 20.0}, **job)  # fmt: skip
+    _write_attempt(tmp_path, "2", 3000.0, {"startup": 11, "productive": 40, "shutdown": 3}, restart_count=2,
+                   resumed_from=6, last_step=15, productive_at={"12": 36.0}, **job)  # fmt: skip
+    _write_attempt(tmp_path, "3", 4000.0, {"startup": 13, "productive": 90}, restart_count=3, resumed_from=12,
+                   last_step=60, **job)  # fmt: skip
+
+    faults = summarize(tmp_path)["faults"]
+    assert faults == {
+        "preempted (SIGTERM)": {"count": 1, "lost_s": 0 + 2 + 7},  # nothing redone, shut-down, next start-up
+        "rank killed (SIGKILL)": {"count": 1, "lost_s": (30 - 20) + 1 + 11},  # steps 7-9 redone
+        "disk full": {"count": 1, "lost_s": (40 - 36) + 3 + 13},  # steps 13-15 redone
+    }
+    assert "per fault: rank killed (SIGKILL) x1 0m22s, disk full x1 0m20s, preempted (SIGTERM) x1 0m09s" in (
+        format_goodput(summarize(tmp_path))
+    )

@@ -143,6 +143,8 @@ def test_dry_run_script_for_4_nodes_of_8_gpus_matches_the_stored_one(capsys, tmp
         (["--nodes", "3"], "world size 24 = 3 nodes x 8 tasks per node"),
         (["--time", "00:02:00"], "slurm.signal_lead_s=180 is not shorter than the time limit 00:02:00"),
         (["--gpus-per-node", "-1"], "gpus_per_node=-1 must be >= 0"),
+        (["--min-nodes", "3"], "world size 24 = 3 nodes x 8 tasks per node; change --nodes, --min-nodes"),
+        (["--min-nodes", "5"], "min_nodes=5 must not exceed nodes=4"),
     ],
 )
 def test_dry_run_refuses_what_the_job_could_not_run(capsys, tmp_path, dataset, options, message):
@@ -153,6 +155,16 @@ def test_dry_run_refuses_what_the_job_could_not_run(capsys, tmp_path, dataset, o
     )  # fmt: skip
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not run_dir.exists()
+
+
+def test_min_nodes_asks_for_a_node_range(capsys, tmp_path, dataset):
+    """--min-nodes 2 of 4: an allocation may be 2, 3 or 4 nodes; each of those world sizes divides the batch."""
+    code, out, err = cli(
+        capsys, "submit", "tiny", f"run.dir={tmp_path / 'run'}", f"data.path={dataset}", "train.global_batch_size=384",
+        "train.micro_batch_size=4", "--cluster", "gpu-cluster", "--min-nodes", "2", "--dry-run",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "#SBATCH --nodes=2-4\n" in out and "layout: 2-4 node(s) x 8 task(s)" in out
 
 
 def test_submit_needs_a_cluster_and_a_valid_config(capsys, tmp_path, dataset):

@@ -207,6 +207,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
             blocking = step == last_step or stop_signal is not None
             with ctx.clock.phase("checkpoint"):
                 ctx.heartbeat.enter("checkpoint save")
+                ctx.heartbeat.beat()  # at once, not at the next interval: ranks die in saves (OOM, disk)
                 ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=blocking)
             ctx.clock.checkpointed(step)
             ctx.metrics.event("checkpoint", step)

@@ -19,6 +19,7 @@ from trainer.metrics import MetricsLogger, peak_tflops
 from trainer.models.attention import choose_attention
 from trainer.models.build import ModelRecipe, model_facts
 from trainer.parallel import build_backend, model_source
+from trainer.resilience.fault_injection import start_faults
 from trainer.resilience.goodput import GoodputClock, summarize
 from trainer.resilience.heartbeat import Heartbeat
 from trainer.resilience.preemption import Preempted, StopSignals
@@ -65,6 +66,7 @@ def starting_point(config: Config, checkpoints: CheckpointManager) -> tuple[Resu
 
 def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: GoodputClock) -> TrainState:
     run_dir = Path(config.run.dir)
+    start_faults(env.rank)
     info = read_dataset_info(config.data.path, config.data.remote)
     plan = batch_plan(config.train, env.world_size, info.seq_len)
     vocab_size, seq_len = model_dims(config, info)

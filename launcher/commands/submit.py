@@ -27,6 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="cluster profile: a name in configs/clusters or a path",
     )
     parser.add_argument("--nodes", type=int, help="override the profile's node count")
+    parser.add_argument(
+        "--min-nodes",
+        type=int,
+        metavar="N",
+        help="let an allocation (the first, or one after a requeue) start on as few as N nodes when no more are "
+        "free; the global batch stays and the run resumes on the new world size (profile key min_nodes)",
+    )
     parser.add_argument("--gpus-per-node", type=int, help="override the profile's GPUs (= tasks) per node")
     parser.add_argument(
         "--time",
@@ -58,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     from launcher import slurm_job, slurm_query
     from launcher.profiles import format_time, load_profile, with_overrides
 
-    profile = with_overrides(load_profile(args.cluster), args.nodes, args.gpus_per_node, args.time)
+    profile = with_overrides(
+        load_profile(args.cluster), args.nodes, args.gpus_per_node, args.time, min_nodes=args.min_nodes
+    )
     slurm_job.check_run_dir_given(args.config, args.overrides)
     if not args.dry_run:  # a dry run may describe another cluster than this one
         known = slurm_query.partition_exists(profile.partition)
@@ -73,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:  # the dry run's paths are for the cluster it describes
         slurm_job.check_visible_to_nodes(sub.config)
     layout = (
-        f"{profile.nodes} node(s) x {profile.tasks_per_node} task(s) "
+        f"{profile.sbatch_nodes} node(s) x {profile.tasks_per_node} task(s) "
         f"({f'{profile.gpus_per_node} GPUs per node' if profile.gpus_per_node else 'CPU, one task per node'})"
     )
     if args.dry_run:

@@ -29,7 +29,15 @@ from slurm_helpers import TERMINAL_JOB_STATES, TMP_BASE, Job, run
 from trainer_runs import BASE_OVERRIDES, losses, read_metrics, train
 
 from launcher.cli import main as cli_main
-from trainer.resilience.fault_injection import ABORT_ENV, USER_ERROR_ENV
+from trainer.data.read_retry import READ_ERROR_ENV
+from trainer.resilience.fault_cost import fault_kind
+from trainer.resilience.fault_injection import (
+    ABORT_ENV,
+    DISK_FULL_ENV,
+    KILL_IN_SAVE_ENV,
+    SCANCEL_AT_START_ENV,
+    USER_ERROR_ENV,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -51,9 +59,16 @@ def cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def write_profile(path: Path, nodes: int, time_limit: str, setup: list[str]) -> Path:
+def write_profile(path: Path, nodes: int, time_limit: str, setup: list[str], **keys: int) -> Path:
     """A cluster profile for the local cluster (JSON is YAML)."""
-    profile = {"partition": "debug", "nodes": nodes, "cpus_per_task": 1, "mem_gb": 2, "time": time_limit}
+    profile = {
+        "partition": "debug",
+        "nodes": nodes,
+        "cpus_per_task": 1,
+        "mem_gb": 2,
+        "time": time_limit,
+        **keys,
+    }
     path.write_text(json.dumps({**profile, "setup": setup}, indent=1))
     return path
 
@@ -214,6 +229,20 @@ def cancel_driver(tracked: Tracked) -> None:
         tracked.notes["cancelled_at"] = time.monotonic()
 
 
+def gauntlet_driver(tracked: Tracked) -> None:
+    """Node 2 is drained while the third allocation runs, so that the fourth comes back on node 1 alone; it
+    is resumed once the job has ended (and by the fixture, whatever happens)."""
+    if tracked.notes.get("restarts") == "2" and "drained" not in tracked.notes:
+        run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=llm-training test: 2 -> 1 node"])
+        tracked.notes["drained"] = time.monotonic()
+    if tracked.states and tracked.states[-1] in TERMINAL_JOB_STATES and "drained" in tracked.notes:
+        resume_node2()
+
+
+def resume_node2() -> None:
+    run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=False)
+
+
 @dataclass
 class Module:
     root: Path
@@ -300,6 +329,13 @@ def runs(slurm_cluster, request) -> Module:
     template_id = template.stdout.strip().split(";")[0]
     out = root / f"template-{template_id}.out"
     watcher.add(Tracked("template", root / "template", template_id, preempt_driver, out=out))
+    # One 2-node job dealt a fault in each allocation (trainer/resilience/fault_injection.py): a plain scancel
+    # during start-up; a transient read error on rank 1, then rank 1 killed by SIGKILL while step 9's checkpoint
+    # is written; a full disk at step 15's; then it comes back on 1 node (min_nodes 1, node 2 drained).
+    faults = [f"export {SCANCEL_AT_START_ENV}=0", f"export {READ_ERROR_ENV}=1:1:1",
+              f"export {KILL_IN_SAVE_ENV}=1:9:1", f"export {DISK_FULL_ENV}=15:2"]  # fmt: skip
+    gauntlet = write_profile(root / "gauntlet.yaml", 2, "00:05:00", faults, min_nodes=1)
+    submit("gauntlet", str(gauntlet), [*FSDP, "checkpoint.every_steps=3"], driver=gauntlet_driver)
     submit("fsdp2", "local", FSDP, "--nodes", "2")
     submit("deepspeed2", "local", DEEPSPEED, "--nodes", "2")
     submit("fsdp1", "local", FSDP, "--nodes", "1")
@@ -319,6 +355,7 @@ def runs(slurm_cluster, request) -> Module:
     for tracked in watcher.jobs.values():
         if tracked.final is None:
             tracked.job.cancel()
+    resume_node2()
     if request.session.testsfailed == failed_before:
         shutil.rmtree(root, ignore_errors=True)
     else:
@@ -433,6 +470,41 @@ def test_rank_killed_by_sigabrt_requeues_the_job_which_resumes_exactly(runs):
     assert list(by_step.values()) == losses(runs["fsdp2"].records()), (
         "the resumed run is not the uninterrupted one"
     )
+
+
+def test_every_fault_costs_one_requeue_is_named_and_the_run_ends_as_if_uninterrupted(runs):
+    """The gauntlet job: 4 allocations for 3 faults (the retried read costs none), each recorded with its cause;
+    every step done, with the uninterrupted 2-node run's losses bitwise while the world size is 2 and within
+    the one-node tolerance on the last allocation's single node; `status` names the time each kind cost."""
+    tracked = assert_completed(runs, "gauntlet", restarts="3")
+    history = json.loads((tracked.run_dir / "requeues.json").read_text())
+    kinds = [fault_kind(event) for event in history["events"]]
+    assert kinds == ["preempted (SIGTERM)", "rank killed (SIGKILL)", "disk full"], history
+    killed, full = history["events"][1]["cause"], history["events"][2]["cause"]
+    assert killed.startswith("rank 1 was killed by SIGKILL in 'checkpoint save' of step 9"), history
+    assert "checkpoint step 15 could not be written" in full, history
+    starts = tracked.events("start")
+    assert [s["world_size"] for s in starts] == [2, 2, 2, 1] and starts[-1]["grad_accum"] == 2, (
+        tracked.explain()
+    )
+    assert [r["step"] for r in tracked.events("resume")] == [6, 12], tracked.explain()
+    assert "test hook: injected read error" in (tracked.run_dir / "logs" / "rank1.log").read_text()
+
+    records = tracked.records()
+    last_start = max(i for i, r in enumerate(records) if r.get("event") == "start")
+    by_step = {r["step"]: r["loss"] for r in records if "loss" in r}
+    one_node = {r["step"]: r["loss"] for r in records[last_start:] if "loss" in r}
+    reference = dict(enumerate(losses(runs["fsdp2"].records()), start=1))
+    assert sorted(by_step) == list(range(1, STEPS + 1)) and tracked.records()[-1]["event"] == "done"
+    assert {k: v for k, v in by_step.items() if k not in one_node} == {
+        k: v for k, v in reference.items() if k not in one_node
+    }, "the 2-node allocations' losses differ from the uninterrupted run"
+    assert_close([one_node[k] for k in sorted(one_node)], [reference[k] for k in sorted(one_node)], rel=1e-5)
+
+    code, out, err = cli("status", str(tracked.run_dir))
+    goodput = next(line for line in out.splitlines() if line.startswith("goodput"))
+    for kind in kinds:
+        assert f"{kind} x1 " in goodput, out
 
 
 def test_a_user_error_on_one_rank_is_never_requeued(runs):

@@ -52,11 +52,16 @@ from trainer.checkpoint.step_contents import (
     package_versions,
 )
 from trainer.checkpoint.steps import LATEST, ResumePoint, step_dir_name
-from trainer.checkpoint.write_agreement import CheckpointWriteError, exchange, write_error
+from trainer.checkpoint.write_agreement import (
+    CheckpointDiskFullError,
+    CheckpointWriteError,
+    exchange,
+    write_error,
+)
 from trainer.config import Config, config_hash, to_yaml
 from trainer.distributed import DistEnv
 from trainer.errors import UserError
-from trainer.resilience.fault_injection import sleep_in_save
+from trainer.resilience.fault_injection import save_faults
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +239,7 @@ class CheckpointManager:
             self._pending = None
         if self._pending_error is not None:
             error, self._pending_error = self._pending_error, None
-            if isinstance(error, CheckpointWriteError):
+            if isinstance(error, (CheckpointWriteError, CheckpointDiskFullError)):
                 raise error
             raise RuntimeError(f"background checkpoint save failed: {error}") from error
 
@@ -277,7 +282,7 @@ class CheckpointManager:
     def _fail_if(self, step: int, step_dir: Path, problems: list[str], failure: BaseException | None) -> None:
         if not problems:
             return
-        previous = self.run.newest_own() if self.env.is_main else None
+        previous = self.run.newest_own()  # on every rank: whichever rank's message is shown names it
         error = write_error(step, step_dir, problems, previous.step_dir.name if previous else None)
         if self.env.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)
@@ -294,7 +299,7 @@ class CheckpointManager:
                 future.result()
             except (Exception, CheckpointException) as error:
                 failure = error
-        sleep_in_save(step)
+        failure = failure or save_faults(self.env.rank, step)
         self._agree(step, step_dir, failure, group)
         mine: dict[str, Any] = {}
         try:

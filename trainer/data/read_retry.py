@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_WAIT_S = 30.0
 READ_ERROR_ENV = "LLM_TRAIN_TEST_READ_ERROR"
-"""Test hook "RANK:COUNT": the first COUNT sample reads of each process of rank RANK fail with EIO."""
+"""Test hook "RANK:COUNT[:ALLOCATION]": the first COUNT sample reads of each process of rank RANK fail with EIO
+(in SLURM allocation ALLOCATION only, when given: trainer/resilience/fault_injection.py)."""
 
 
 class ShardReadError(RuntimeError):
@@ -77,9 +78,12 @@ class InjectedReadErrors:
     """The READ_ERROR_ENV test hook of one process: `check()` raises EIO for the first COUNT reads."""
 
     def __init__(self) -> None:
-        hook = os.environ.get(READ_ERROR_ENV, "")
-        rank, _, count = hook.partition(":")
-        chosen = hook and int(rank) == int(os.environ.get("RANK", "0"))
+        from trainer.resilience.fault_injection import allocation
+
+        rank, count, *only_in = (os.environ.get(READ_ERROR_ENV) or "0:0").split(":")
+        chosen = int(rank) == int(os.environ.get("RANK", "0")) and (
+            not only_in or int(only_in[0]) == allocation()
+        )
         self.left = int(count) if chosen else 0
 
     def check(self) -> None:

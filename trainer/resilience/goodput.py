@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.atomic import atomic_write_text
+from trainer.resilience.fault_cost import cost_by_fault
+from trainer.resilience.requeue import requeue_events
 
 CATEGORIES = ("startup", "productive", "data", "checkpoint", "eval", "nonfinite", "recomputed", "shutdown")
 LEDGER_DIR = "goodput"
@@ -192,7 +194,10 @@ def _read_attempt(path: Path) -> dict[str, Any] | None:
     try:
         raw = json.loads(path.read_text())
         seconds = raw["seconds"]
+        restarts = raw.get("restart_count")
         return {
+            "job_id": None if raw.get("job_id") is None else str(raw["job_id"]),
+            "restart_count": None if restarts is None else int(restarts),
             "started": float(raw["started"]),
             "updated": float(raw["updated"]),
             "resumed_from": None if raw.get("resumed_from") is None else int(raw["resumed_from"]),
@@ -235,9 +240,9 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
     attempts.sort(key=lambda a: a["started"])
     allocated = productive = 0.0
     lost = dict.fromkeys(LOST, 0.0)
-    for i, attempt in enumerate(attempts):
+    redone_by_attempt = [_redone(attempt, attempts[i + 1 :]) for i, attempt in enumerate(attempts)]
+    for i, (attempt, redone) in enumerate(zip(attempts, redone_by_attempt, strict=True)):
         seconds = attempt["seconds"]
-        redone = _redone(attempt, attempts[i + 1 :])
         allocated += attempt["updated"] - attempt["started"]
         productive += seconds["productive"] - redone
         lost["recomputed"] += seconds["recomputed"] + redone
@@ -256,6 +261,7 @@ def summarize(run_dir: Path) -> dict[str, Any] | None:
         "goodput_pct": pct(productive),
         "lost_s": lost,
         "lost_pct": {category: pct(s) for category, s in lost.items()},
+        "faults": cost_by_fault(attempts, redone_by_attempt, requeue_events(Path(run_dir))),
     }
 
 
@@ -276,4 +282,10 @@ def format_goodput(summary: dict[str, Any]) -> str:
     shown = sorted(((c, p) for c, p in summary["lost_pct"].items() if p > 0), key=lambda item: -item[1])
     if shown:
         line += "; lost: " + ", ".join(f"{category} {p:.1f}%" for category, p in shown)
+    faults = summary.get("faults") or {}
+    if faults:
+        line += "; per fault: " + ", ".join(
+            f"{kind} x{int(cost['count'])} {format_duration(cost['lost_s'])}"
+            for kind, cost in sorted(faults.items(), key=lambda item: -item[1]["lost_s"])
+        )
     return line

@@ -25,6 +25,14 @@ def requeue_count(run_dir: Path) -> int:
     return int(json.loads(path.read_text())["count"]) if path.is_file() else 0
 
 
+def requeue_events(run_dir: Path) -> list[dict]:
+    """requeues.json's events, oldest first ([] when there is none or it cannot be read)."""
+    try:
+        return list(json.loads((run_dir / REQUEUES_FILE).read_text())["events"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def _job_id() -> str | None:
     job_id = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job_id and os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -109,6 +117,7 @@ def requeue(
     history["events"].append(
         {
             "job_id": job_id,
+            "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "step": step,
             "signal": reason,
             **({"cause": cause} if cause else {}),
