@@ -121,9 +121,11 @@ def test_a_resumed_init_from_run_trains_with_activation_checkpointing(
 ):
     """init_from an HF folder (from_pretrained hands back a model in eval mode), resumed from the run's own
     checkpoint, so no step-0 evaluation puts it in train mode: the first step trains in train mode, and
-    activation checkpointing recomputes every block in backward (transformers does only in train mode).
+    activation checkpointing recomputes every block in backward (transformers does only in train mode). Between
+    micro batches an FSDP rank holds only its gradient shard, never a full-size accumulated gradient.
 
-    tests/rank_hooks/sitecustomize.py counts each block's forward calls during the ranks' first step.
+    tests/rank_hooks/sitecustomize.py counts each block's forward calls and the gradient elements held during
+    the ranks' first step.
     """
     import json
     import os
@@ -142,3 +144,5 @@ def test_a_resumed_init_from_run_trains_with_activation_checkpointing(
         # Per micro batch, each block's forward runs twice: in the forward pass and recomputed in backward.
         assert record["grad_accum"] == 2
         assert record["block_calls"] == [2 * record["grad_accum"]] * len(record["block_calls"]), record
+        if backend == "fsdp":  # 2 ranks: half the gradient each (1.0 when FSDP2 accumulates unsharded)
+            assert len(record["gradient_held"]) == 1 and 0.4 < record["gradient_held"][0] <= 0.51, record

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from trainer.resilience.heartbeat import first_stopped, record_exit
-from trainer.resilience.requeue import REQUEUES_FILE
+from trainer.resilience.requeue import REQUEUES_FILE, requeue
 from trainer.resilience.supervisor import child_environment, decide, supervise
 
 CHILD = textwrap.dedent(
@@ -210,3 +210,30 @@ def test_supervise_runs_the_trainer_and_reports_its_user_error(tmp_path, monkeyp
         assert signal.getsignal(sig) == signal.SIG_IGN
         signal.signal(sig, signal.SIG_DFL)
     assert os.environ.get("SLURM_JOB_ID") is None
+
+
+@pytest.mark.parametrize(
+    ("scontrol", "counted"),
+    [
+        # The requeue's SIGTERM reaches scontrol before it exits: it must be blocked, so scontrol finishes.
+        ('[ "$1" = requeue ] && kill -TERM $$; exit 0', 1),
+        # scontrol dies anyway (SIGKILL): the job's record says it was requeued.
+        ('[ "$1" = requeue ] && kill -KILL $$; echo "JobId=4242 JobState=PENDING Restarts=1"', 1),
+        # scontrol dies and the job is not requeued: not counted.
+        ('[ "$1" = requeue ] && kill -KILL $$; echo "JobId=4242 JobState=RUNNING Restarts=0"', 0),
+    ],
+    ids=["sigterm", "sigkill-requeued", "sigkill-not-requeued"],
+)
+def test_a_requeue_that_ends_scontrol_with_the_job_still_counts(slurm_job, tmp_path, scontrol, counted):
+    """`scontrol requeue` runs inside the job it requeues, so SLURM's kill of the job's processes can end it
+    before it reports success: requeues.json once lost such a requeue (count 0 for a job that restarted)."""
+    fake = tmp_path / "bin" / "scontrol"  # stands for the controller's reply; the kill is what is tested
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(f"#!/bin/bash\n{scontrol}\n")
+    fake.chmod(0o755)
+    requeued, why = requeue(slurm_job, max_requeues=5, step=7, reason="failure", cause="rank 1 ...")
+    assert requeued == bool(counted), why
+    history = json.loads((slurm_job / REQUEUES_FILE).read_text())
+    assert history["count"] == counted and len(history["events"]) == counted, history
+    if counted:
+        assert history["events"][0]["restart_count"] == 0, history

@@ -2,8 +2,10 @@
 
 LLM_TEST_FIRST_STEP=PREFIX makes each rank write PREFIX.rankN.json after the first training step of its
 process: the step, whether the model was in train mode during it, how many times each transformer block's
-forward ran, and the micro batches per step. With activation checkpointing at work every block runs twice
-per micro batch (the forward, then its recomputation in backward), once without. It observes only.
+forward ran, the micro batches per step, and after each micro batch but the last the gradient elements the
+rank holds as a fraction of the model's parameters (FSDP: its shards, and any unsharded accumulated gradient
+FSDP2 keeps between micro batches). With activation checkpointing at work every block runs twice per micro
+batch (the forward, then its recomputation in backward), once without. It observes only.
 """
 
 import os
@@ -24,6 +26,24 @@ if _prefix:
     _train_step = trainer.loop.train_step
     _observed_steps: list[int] = []
 
+    def _gradient_fraction(module: torch.nn.Module) -> float:
+        """Gradient elements held on this rank over the model's parameter count (a DTensor counts globally)."""
+        from torch.distributed.tensor import DTensor
+
+        full = sum(p.numel() for p in module.parameters())
+        held = sum(
+            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).numel()
+            for p in module.parameters()
+            if p.grad is not None
+        )
+        for sub in module.modules():
+            state = sub._get_fsdp_state() if hasattr(sub, "_get_fsdp_state") else None
+            group = state._fsdp_param_group if state is not None else None
+            for fsdp_param in group.fsdp_params if group is not None else []:
+                accumulated = getattr(fsdp_param, "unsharded_accumulated_grad", None)
+                held += accumulated.numel() if accumulated is not None else 0
+        return held / full
+
     def _observed_train_step(
         ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]], step: int, batch_index: int
     ) -> tuple[float, float]:
@@ -42,9 +62,19 @@ if _prefix:
             return hook
 
         handles = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
+        forward_backward, held = ctx.backend.forward_backward, []
+
+        def observed_forward_backward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            loss = forward_backward(*args, **kwargs)
+            if not kwargs["last_micro_batch"]:
+                held.append(_gradient_fraction(ctx.backend.module))
+            return loss
+
+        ctx.backend.forward_backward = observed_forward_backward
         try:
             result = _train_step(ctx, batches, step, batch_index)
         finally:
+            del ctx.backend.forward_backward
             for handle in handles:
                 handle.remove()
         record = {
@@ -52,6 +82,7 @@ if _prefix:
             "training": all(training) and bool(training),
             "block_calls": calls,
             "grad_accum": ctx.plan.grad_accum,
+            "gradient_held": held,
         }
         Path(f"{_prefix}.rank{ctx.rank}.json").write_text(json.dumps(record))
         return result

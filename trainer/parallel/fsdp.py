@@ -118,6 +118,7 @@ class FSDPBackend:
         meta = source.meta()
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
         self.sharded = env.world_size > 1
+        self.world_size = env.world_size
         if self.sharded:
             self.module = parallelize(
                 meta, config.train.precision, env, config.train.compile, self.shard_size
@@ -144,8 +145,13 @@ class FSDPBackend:
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        if self.sharded:  # reduce-scatter gradients only once per optimizer step, on the last micro batch
-            self.module.set_requires_gradient_sync(last_micro_batch)
+        if self.sharded and self.shard_size < self.world_size:
+            # Gradients are reduce-scattered after every micro batch, so that what a rank holds between them is
+            # its gradient shard: skipping that sync would keep a full fp32 gradient of every parameter on
+            # every rank until the last micro batch (FSDP2's unsharded_accumulated_grad, +4 bytes per
+            # parameter, which `plan` does not budget). Only the all-reduce across hybrid-sharding replicas
+            # (a slower, inter-node collective) waits for the last micro batch.
+            self.module.set_requires_all_reduce(last_micro_batch)
         with torch.autocast(**self._autocast):
             loss = self.module(**model_inputs(batch, num_items)).loss
         (loss / self.grad_accum).backward()

@@ -92,6 +92,40 @@ def cancelled(run_dir: Path) -> bool:
     return job_id is not None and cancel_marker(run_dir, job_id).exists()
 
 
+def _scontrol_requeue(job_id: str) -> str | None:
+    """`scontrol requeue JOB`: None once the job is requeued, else what went wrong.
+
+    The requeue ends this job's processes, and scontrol is one of them: it starts with the stop signals blocked
+    (a blocked mask survives exec), and when it still dies before it could say so, the job's own record says
+    whether the requeue happened (it is pending again, or its restart count went up)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return str(error)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if result.returncode == 0 or _was_requeued(job_id):
+        return None
+    return result.stderr.strip() or f"exit status {result.returncode}"
+
+
+def _was_requeued(job_id: str) -> bool:
+    """Whether SLURM has requeued this allocation's job (pending again, or restarted since it began)."""
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    fields = dict(field.split("=", 1) for field in shown.split() if "=" in field)
+    restarts = fields.get("Restarts", "")
+    before = os.environ.get("SLURM_RESTART_COUNT", "0") or "0"
+    return fields.get("JobState") in ("PENDING", "REQUEUED", "REQUEUE_HOLD") or (
+        restarts.isdigit() and before.isdigit() and int(restarts) > int(before)
+    )
+
+
 def requeue(
     run_dir: Path, max_requeues: int, step: int, reason: str, cause: str | None = None
 ) -> tuple[bool, str]:
@@ -125,11 +159,7 @@ def requeue(
         }
     )
     atomic_write_text(history_path, json.dumps(history, indent=1))
-    try:
-        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        problem = result.stderr.strip() if result.returncode != 0 else None
-    except (OSError, subprocess.TimeoutExpired) as error:
-        problem = str(error)
+    problem = _scontrol_requeue(job_id)
     if problem is not None:
         atomic_write_text(history_path, before)
         return False, f"scontrol requeue {job_id} failed: {problem}"
