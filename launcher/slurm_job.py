@@ -182,7 +182,7 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "account": profile.account,
         "qos": profile.qos,
         "constraint": profile.constraint,
-        "nodes": profile.sbatch_nodes,
+        "nodes": profile.nodes,  # submitit counts its tasks from it: the range goes in additional_parameters
         "ntasks_per_node": profile.tasks_per_node,
         "gpus_per_node": profile.gpus_per_node or None,
         "cpus_per_task": profile.cpus_per_task,
@@ -191,7 +191,7 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "signal_delay_s": sub.config.slurm.signal_lead_s,
         "setup": setup,
         "wckey": None,
-        "additional_parameters": {"requeue": True, **profile.sbatch_extra},
+        "additional_parameters": {"requeue": True, "nodes": profile.sbatch_nodes, **profile.sbatch_extra},
     }
 
 
