@@ -26,18 +26,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def launch_local(nproc: int, trainer_args: list[str], grace_s: float = 10.0, nodes: int = 1) -> int:
+def launch_local(
+    nproc: int, trainer_args: list[str], grace_s: float = 10.0, nodes: int = 1, distribution: str = "block"
+) -> int:
     """`nproc` ranks on this machine; with `nodes` > 1 they are split into that many "nodes" of nproc / nodes
-    ranks each (their LOCAL_RANK and LOCAL_WORLD_SIZE), to try multi-node layouts such as hybrid sharding."""
+    ranks each (their GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE), to try multi-node layouts such as hybrid
+    sharding. `distribution` numbers them as srun's option does: block (node by node) or cyclic (round robin)."""
     port = free_port()
     envs = []
     per_node = nproc // nodes
     for rank in range(nproc):
+        node, local = (rank % nodes, rank // nodes) if distribution == "cyclic" else divmod(rank, per_node)
         env = dict(
             os.environ,
             RANK=str(rank),
             WORLD_SIZE=str(nproc),
-            LOCAL_RANK=str(rank % per_node),
+            GROUP_RANK=str(node),
+            LOCAL_RANK=str(local),
             LOCAL_WORLD_SIZE=str(per_node),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),

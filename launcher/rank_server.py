@@ -43,7 +43,16 @@ SERVER_ENV = "LLM_TRAIN_RANK_SERVER"
 PRELOAD = ("trainer.main",)
 # Set per rank by the launcher; OMP_NUM_THREADS is applied in the rank (torch.set_num_threads).
 PER_RANK_ENV = frozenset(
-    {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"}
+    {
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "OMP_NUM_THREADS",
+    }
 )
 # Read only while a rank runs, never at import: test hooks (trainer.resilience.fault_injection), pytest's
 # per-test marker, the terminal size, and the address of a W&B service that the launcher's process started

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from trainer_runs import by_step, read_metrics, train
 
+from trainer.parallel.node_layout import consecutive_layout_problem, shard_groups
+
 STEPS = [
     "train.max_steps=6",
     "checkpoint.every_steps=3",
@@ -40,6 +42,8 @@ def sharded_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
     data = demo_dataset.path
     for shard in ("full", "node"):
         train(root / shard, data, nproc=4, nodes=2, overrides=[*STEPS, f"parallel.shard={shard}"])
+    cyclic = [*STEPS, "parallel.shard=node", "train.max_steps=3"]  # srun --distribution=cyclic: 0 2 | 1 3
+    train(root / "node-cyclic", data, nproc=4, nodes=2, overrides=cyclic, distribution="cyclic")
     deepspeed = [*STEPS, "parallel.shard=node", "parallel.backend=deepspeed"]
     train(root / "deepspeed-node", data, nproc=4, nodes=2, overrides=deepspeed)
     resumes = {"node-to-full": ("node", "full", 2, 1), "full-to-node": ("full", "node", 4, 2),
@@ -61,6 +65,25 @@ def test_node_sharding_trains_like_full_sharding(sharded_runs):
     _close(
         by_step(read_metrics(sharded_runs["node"])), by_step(read_metrics(sharded_runs["full"])), range(1, 7)
     )
+
+
+def test_shard_groups_follow_the_nodes_when_ranks_are_numbered_round_robin(sharded_runs):
+    """With ranks 0 and 2 on one node and 1 and 3 on the other, groups of consecutive ranks would span both
+    nodes: the groups come from each rank's node, and training is that of the node-by-node layout."""
+    run = sharded_runs["node-cyclic"]
+    assert (
+        "ranks are not numbered node by node: shard groups [[0, 2], [1, 3]]"
+        in (run / "logs" / "rank0.log").read_text()
+    )
+    _close(by_step(read_metrics(run)), by_step(read_metrics(sharded_runs["node"])), range(1, 4))
+
+
+def test_deepspeed_refuses_groups_that_would_span_nodes():
+    """DeepSpeed's hierarchical partitioning groups consecutive ranks: with another numbering it is refused."""
+    assert consecutive_layout_problem([0, 1, 2, 3], "node") is None
+    problem = consecutive_layout_problem([0, 2, 1, 3], "node")
+    assert problem is not None and "--distribution=block" in problem and "parallel.shard=full" in problem
+    assert shard_groups([0, 2, 1, 3], 2) == [[0, 2], [1, 3]]
 
 
 def test_deepspeed_hierarchical_partitioning_trains_like_full_sharding(sharded_runs):

@@ -33,11 +33,19 @@ def overrides(backend: str, *extra: str) -> list[str]:
     return [f"parallel.backend={backend}", *STEPS, *BATCH, *extra]
 
 
-def train(run_dir: Path, data: Path, nproc: int = 2, overrides: list[str] = (), nodes: int = 1) -> list[dict]:
-    """Train in `nproc` local processes (split into `nodes` simulated nodes); returns the metrics.jsonl
-    records. Fails the test on a non-zero exit."""
+def train(
+    run_dir: Path,
+    data: Path,
+    nproc: int = 2,
+    overrides: list[str] = (),
+    nodes: int = 1,
+    distribution: str = "block",
+) -> list[dict]:
+    """Train in `nproc` local processes (split into `nodes` simulated nodes, their ranks numbered as
+    `distribution` says); returns the metrics.jsonl records. Fails the test on a non-zero exit."""
     args = [f"run.dir={run_dir}", f"data.path={data}", *BASE_OVERRIDES, *overrides]
-    code = cli_main(["train", "tiny", *args, "--nproc", str(nproc), "--nodes", str(nodes)])
+    layout = ["--nproc", str(nproc), "--nodes", str(nodes), "--distribution", distribution]
+    code = cli_main(["train", "tiny", *args, *layout])
     assert code == 0, f"llm-train train exited {code}; logs in {run_dir / 'logs'}"
     return read_metrics(run_dir)
 

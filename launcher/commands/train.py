@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         help="split the --nproc processes into this many simulated nodes (to try parallel.shard=node here)",
     )
+    parser.add_argument(
+        "--distribution",
+        choices=("block", "cyclic"),
+        default="block",
+        help="how the simulated nodes' ranks are numbered, as srun's option: node by node, or round robin",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -44,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         batch_plan(config.train, args.nproc, info.seq_len)
         if server is not None:
             _wait_until_listening(server)
-        return launch_local(args.nproc, [args.config, *args.overrides], nodes=args.nodes)
+        return launch_local(
+            args.nproc, [args.config, *args.overrides], nodes=args.nodes, distribution=args.distribution
+        )
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from torch import nn
 from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
 from trainer.distributed import DistEnv
+from trainer.errors import UserError
 from trainer.models.build import check_tied, compile_blocks
 from trainer.optim import build_scheduler, param_groups
 from trainer.parallel.deepspeed_universal import (
@@ -28,6 +29,7 @@ from trainer.parallel.deepspeed_universal import (
 )
 from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
+from trainer.parallel.node_layout import consecutive_layout_problem, node_major_order
 from trainer.parallel.sharding import shard_group_size, state_bytes
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,10 @@ class DeepSpeedBackend:
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(source.meta()))
         ds_config = deepspeed_config(config, plan, self.shard_size)
         deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        if self.shard_size < env.world_size:  # hpZ's groups are consecutive ranks
+            problem = consecutive_layout_problem(node_major_order(env), config.parallel.shard)
+            if problem:
+                raise UserError(problem)
         model = _partitioned_model(source, ds_config)
         if config.train.compile:
             compile_blocks(model)

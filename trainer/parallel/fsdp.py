@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -38,6 +38,7 @@ from trainer.models.pretrained import tied_names
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.inputs import model_inputs
 from trainer.parallel.model_source import ModelSource
+from trainer.parallel.node_layout import node_major_order, shard_groups
 from trainer.parallel.sharding import shard_group_size, state_bytes
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,11 @@ def parallelize(
     replicated across the groups: a 2-D (replicate, shard) mesh, FSDP2's hybrid sharding."""
     shard_size = shard_size or env.world_size
     if shard_size < env.world_size:
-        shape, names = (env.world_size // shard_size, shard_size), ("replicate", "shard")
-        mesh = init_device_mesh(env.device.type, shape, mesh_dim_names=names)
+        order = node_major_order(env)  # groups within nodes, however the ranks are numbered
+        if order != list(range(env.world_size)):
+            log.info("ranks are not numbered node by node: shard groups %s", shard_groups(order, shard_size))
+        layout = torch.tensor(order).reshape(env.world_size // shard_size, shard_size)
+        mesh = DeviceMesh(env.device.type, layout, mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(env.device.type, (env.world_size,))
     if precision == "bf16":
