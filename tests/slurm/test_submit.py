@@ -48,7 +48,7 @@ DS_STEPS = 20
 BATCH = ["train.global_batch_size=8", "train.micro_batch_size=4"]
 FSDP = [*BASE_OVERRIDES, *BATCH, f"train.max_steps={STEPS}"]
 DEEPSPEED = [*BASE_OVERRIDES, *BATCH, f"train.max_steps={DS_STEPS}", "parallel.backend=deepspeed"]
-WATCH_S = 480  # every job of the module must end within this (the 2 nodes run one job each at a time)
+WATCH_S = 600  # every job of the module must end within this (the 2 nodes run one job each at a time)
 
 
 def cli(*args: str) -> tuple[int, str, str]:
@@ -239,6 +239,16 @@ def gauntlet_driver(tracked: Tracked) -> None:
         resume_node2()
 
 
+def submit_when_idle(watcher: Watcher, name: str, run_dir: Path, args: list[str]) -> None:
+    """Once every job the watcher follows has ended, `llm-train ARGS` (a submit) and follow that job too."""
+    while time.monotonic() < watcher.deadline and any(t.final is None for t in watcher.jobs.values()):
+        time.sleep(0.5)
+    result = llm_train(*args)
+    job_id = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else ""
+    assert job_id.isdigit(), f"submit {name} exited {result.returncode}: {result.stderr}"
+    watcher.add(Tracked(name, run_dir, job_id, gauntlet_driver))
+
+
 def resume_node2() -> None:
     run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=False)
 
@@ -251,6 +261,7 @@ class Module:
     local_fsdp: list[dict]
     local_deepspeed: list[dict]
     second_submit: tuple[int, str, str]  # `submit` again into the preempt job's run dir while it is queued
+    gauntlet_thread: threading.Thread  # submits the gauntlet job once the others have ended
 
     def __getitem__(self, name: str) -> Tracked:
         return self.watcher.jobs[name]
@@ -329,17 +340,23 @@ def runs(slurm_cluster, request) -> Module:
     template_id = template.stdout.strip().split(";")[0]
     out = root / f"template-{template_id}.out"
     watcher.add(Tracked("template", root / "template", template_id, preempt_driver, out=out))
-    # One 2-node job dealt a fault in each allocation (trainer/resilience/fault_injection.py): a plain scancel
-    # during start-up; a transient read error on rank 1, then rank 1 killed by SIGKILL while step 9's checkpoint
-    # is written; a full disk at step 15's; then it comes back on 1 node (min_nodes 1, node 2 drained).
-    faults = [f"export {SCANCEL_AT_START_ENV}=0", f"export {READ_ERROR_ENV}=1:1:1",
-              f"export {KILL_IN_SAVE_ENV}=1:9:1", f"export {DISK_FULL_ENV}=15:2"]  # fmt: skip
-    gauntlet = write_profile(root / "gauntlet.yaml", 2, "00:05:00", faults, min_nodes=1)
-    submit("gauntlet", str(gauntlet), [*FSDP, "checkpoint.every_steps=3"], driver=gauntlet_driver)
     submit("fsdp2", "local", FSDP, "--nodes", "2")
     submit("deepspeed2", "local", DEEPSPEED, "--nodes", "2")
     submit("fsdp1", "local", FSDP, "--nodes", "1")
     watcher.start()
+    # One 2-node job dealt a fault in each allocation (trainer/resilience/fault_injection.py): a plain scancel
+    # during start-up; a transient read error on rank 1, then rank 1 killed by SIGKILL while step 9's checkpoint
+    # is written; a full disk at step 15's; then it comes back on 1 node (min_nodes 1, node 2 drained). It is
+    # submitted once the other jobs have ended: with min_nodes an allocation takes whatever nodes are free.
+    faults = [f"export {SCANCEL_AT_START_ENV}=0", f"export {READ_ERROR_ENV}=1:1:1",
+              f"export {KILL_IN_SAVE_ENV}=1:9:1", f"export {DISK_FULL_ENV}=15:2"]  # fmt: skip
+    gauntlet = write_profile(root / "gauntlet.yaml", 2, "00:05:00", faults, min_nodes=1)
+    gauntlet_args = ["submit", "tiny", f"run.dir={root / 'gauntlet'}", f"data.path={data}", *FSDP,
+                     "checkpoint.every_steps=3", "--cluster", str(gauntlet)]  # fmt: skip
+    gauntlet_thread = threading.Thread(
+        target=submit_when_idle, args=(watcher, "gauntlet", root / "gauntlet", gauntlet_args), daemon=True
+    )
+    gauntlet_thread.start()
 
     steps = [f"train.max_steps={STEPS}"]
     local_fsdp = train(root / "local-fsdp", data, nproc=2, overrides=[*BATCH, *steps])
@@ -347,7 +364,7 @@ def runs(slurm_cluster, request) -> Module:
     ds_overrides = [*BATCH, f"train.max_steps={DS_STEPS}", "parallel.backend=deepspeed"]
     local_ds = train(root / "local-ds", data, nproc=2, overrides=ds_overrides)
     print(f"local deepspeed reference done after {time.monotonic() - watcher.started:.0f} s")
-    yield Module(root, data, watcher, local_fsdp, local_ds, again)
+    yield Module(root, data, watcher, local_fsdp, local_ds, again, gauntlet_thread)
     print(
         "SLURM jobs ended (s after submission):",
         {t.name: t.notes.get("ended_s") for t in watcher.jobs.values()},
@@ -476,6 +493,8 @@ def test_every_fault_costs_one_requeue_is_named_and_the_run_ends_as_if_uninterru
     """The gauntlet job: 4 allocations for 3 faults (the retried read costs none), each recorded with its cause;
     every step done, with the uninterrupted 2-node run's losses bitwise while the world size is 2 and within
     the one-node tolerance on the last allocation's single node; `status` names the time each kind cost."""
+    runs.gauntlet_thread.join(timeout=WATCH_S)
+    assert "gauntlet" in runs.watcher.jobs, "the gauntlet job was not submitted (see the output above)"
     tracked = assert_completed(runs, "gauntlet", restarts="3")
     history = json.loads((tracked.run_dir / "requeues.json").read_text())
     kinds = [fault_kind(event) for event in history["events"]]
