@@ -99,7 +99,7 @@ def _with_differences(results: list[dict[str, dict[str, float]]]) -> list[dict[s
 
 def compare(
     paths: list[str], data: list[str] | None, batches: int, sampling: SampleSettings | None = None,
-    tasks: TaskSettings | None = None,
+    tasks: TaskSettings | None = None, trust_remote_code: bool = False,
 ) -> Comparison:  # fmt: skip
     """Load every model (all stay in memory), check the tokenizers, evaluate, then sample each prompt."""
     if len(paths) < 2:
@@ -107,7 +107,7 @@ def compare(
     if sampling is not None:
         check_sampling(sampling.max_new_tokens, sampling.temperature)
     names = unique_names(paths)
-    loaded = [load_any(path) for path in paths]
+    loaded = [load_any(path, trust_remote_code) for path in paths]
     _check_one_tokenizer(names, loaded)
     data_paths = datasets_or_default(data, loaded[0].data_path, paths[0])
     measured = [validation_losses(model.model, data_paths, batches) for model in loaded]

@@ -200,3 +200,44 @@ def test_export_reads_only_model_entries_and_writes_nothing_to_tmpdir(one_rank_r
     assert read and all(fqn.startswith("model.") for fqn, _ in read)
     shards = sum(p.stat().st_size for p in (step_3(one_rank_run) / "model").glob("*.distcp"))
     assert sum(length for _, length in read) < shards / 2  # the AdamW moments are twice the weights
+
+
+def test_a_checkpoints_own_code_runs_only_with_the_commands_flag(one_rank_run, tmp_path, capfd):
+    """A step folder whose model_config.json names code (an auto_map pointing at a module that leaves a mark),
+    and whose config.yaml says model.trust_remote_code=true (whoever wrote the folder chose that): export, eval,
+    generate and compare without --trust-remote-code run nothing, each with one line naming the flag. So does an
+    HF folder with such an auto_map."""
+    run_dir, marker, code = tmp_path / "run", tmp_path / "code-ran", tmp_path / "code"
+    shutil.copytree(one_rank_run, run_dir)
+    code.mkdir()
+    (code / "modeling_marker.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+        "from transformers import GPT2LMHeadModel\nclass MarkerModel(GPT2LMHeadModel):\n    pass\n"
+    )
+    step = step_3(run_dir)
+    values = json.loads((step / "model_config.json").read_text())
+    values.update(_name_or_path=str(code), auto_map={"AutoModelForCausalLM": "modeling_marker.MarkerModel"})
+    (step / "model_config.json").write_text(json.dumps(values))
+    yaml_text = (step / "config.yaml").read_text()
+    (step / "config.yaml").write_text(
+        yaml_text.replace("trust_remote_code: false", "trust_remote_code: true")
+    )
+    assert "trust_remote_code: true" in (step / "config.yaml").read_text()
+    reseal(step, ["model_config.json", "config.yaml"])
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(values))
+    capfd.readouterr()
+    commands = {
+        "export": ["export", str(run_dir), "--out", str(tmp_path / "out")],
+        "eval": ["eval", str(run_dir), "--batches", "1"],
+        "generate": ["generate", str(step), "--prompt", "a", "--max-new-tokens", "2"],
+        "compare": ["compare", str(run_dir), str(one_rank_run), "--batches", "1"],
+        "eval-hf": ["eval", str(hf), "--batches", "1"],
+    }
+    for name, args in commands.items():
+        assert cli_main(args) == 2, name
+        err = capfd.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds a model with its own code" in err[0], (name, err)
+        assert "it runs only with --trust-remote-code" in err[0], (name, err)
+    assert not marker.exists(), "a command ran the folder's code without --trust-remote-code"

@@ -7,7 +7,7 @@ import argparse
 import json
 
 from launcher.commands.eval import add_data_arguments, add_task_arguments
-from launcher.commands.generate import add_sampling_arguments
+from launcher.commands.generate import add_sampling_arguments, add_trust_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_sampling_arguments(parser)
     add_task_arguments(parser)
+    add_trust_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.set_defaults(handler=run)
 
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     tasks = (
         TaskSettings(parse_tasks(args.tasks), args.task_dir, args.limit) if args.tasks is not None else None
     )
-    comparison = compare(args.models, args.data, args.batches, sampling if args.prompt else None, tasks)
+    comparison = compare(
+        args.models, args.data, args.batches, sampling if args.prompt else None, tasks, args.trust_remote_code
+    )
     if args.json:
         print(json.dumps(comparison.to_dict()))
         return 0

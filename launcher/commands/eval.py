@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from launcher.commands.generate import add_trust_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -15,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(parser, "the run's data.path")
     add_task_arguments(parser)
+    add_trust_argument(parser)
     parser.add_argument(
         "--json", action="store_true", help="JSON output (the default; for symmetry with compare)"
     )
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from trainer.task_eval import parse_tasks, run_tasks
 
     tasks = parse_tasks(args.tasks) if args.tasks is not None else None
-    loaded = load_any(args.model)
+    loaded = load_any(args.model, args.trust_remote_code)
     run_dir = run_dir_of(args.model)
     if tasks is not None:
         scores = run_tasks(loaded.model, load_tokenizer(loaded), tasks, args.task_dir, args.limit)

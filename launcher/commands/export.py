@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from launcher.commands.generate import add_trust_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("export", help="write a Hugging Face model folder from a checkpoint")
@@ -12,12 +14,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="new folder: config.json, model.safetensors, tokenizer files"
     )
+    add_trust_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from trainer.models.export import export
 
-    out = export(args.checkpoint, Path(args.out))
+    out = export(args.checkpoint, Path(args.out), args.trust_remote_code)
     print(out)
     return 0

@@ -21,7 +21,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with; without --prompt on a terminal, a conversation (an empty line ends it)",
     )
     add_sampling_arguments(parser)
+    add_trust_argument(parser)
     parser.set_defaults(handler=run)
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """--trust-remote-code, for every command that loads a model (a folder's own code never runs otherwise)."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model that ships its own code (an auto_map in its config) run it; only for models you trust",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         return chat(args)
     if args.prompt is None:
         raise UserError("generate: --prompt is required (or --chat for a conversation on a terminal)")
-    print(generate_text(args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+    print(
+        generate_text(
+            args.model, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.trust_remote_code
+        )
+    )
     return 0
 
 
@@ -48,7 +62,7 @@ def chat(args: argparse.Namespace) -> int:
     check_sampling(args.max_new_tokens, args.temperature)
     if args.prompt is None and not sys.stdin.isatty():
         raise UserError("generate --chat: give --prompt TEXT (stdin is not a terminal for a conversation)")
-    loaded = load_any(args.model)
+    loaded = load_any(args.model, args.trust_remote_code)
     tokenizer = load_tokenizer(loaded)
     messages: list[dict[str, str]] = []
     while True:
@@ -65,11 +79,18 @@ def chat(args: argparse.Namespace) -> int:
             return 0
 
 
-def generate_text(model_path: str, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+def generate_text(
+    model_path: str,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    trust_remote_code: bool = False,
+) -> str:
     from trainer.models.generation import check_sampling, sample, tidy_sample
     from trainer.models.load import load_any, load_tokenizer
 
     check_sampling(max_new_tokens, temperature)
-    loaded = load_any(model_path)
+    loaded = load_any(model_path, trust_remote_code)
     text = sample(loaded.model, load_tokenizer(loaded), prompt, max_new_tokens, temperature, seed)
     return tidy_sample(prompt, text)

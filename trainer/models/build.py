@@ -150,7 +150,9 @@ class ModelRecipe:
 def _pretrained(source: str, cfg: ModelConfig, attn: str) -> PreTrainedModel:
     path = Path(source).expanduser()
     if path.exists() and not is_hf_folder(path):
-        model = model_from_checkpoint(resolve_step_dir(path), attn, cfg.dropout).model
+        model = model_from_checkpoint(
+            resolve_step_dir(path), attn, cfg.dropout, cfg.trust_remote_code, "model.trust_remote_code=true"
+        ).model
     else:
         config = load_hf_config(
             str(path) if path.exists() else source, cfg.trust_remote_code, "model.init_from"

@@ -16,11 +16,11 @@ from trainer.models.load import TRAINING_INFO, load_any
 log = logging.getLogger(__name__)
 
 
-def export(path: str | Path, out: Path) -> Path:
+def export(path: str | Path, out: Path, trust_remote_code: bool = False) -> Path:
     """Write config.json, model.safetensors and the tokenizer into `out`, atomically."""
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out '{out}' already exists and is not empty; choose a new folder")
-    loaded = load_any(path)
+    loaded = load_any(path, trust_remote_code)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

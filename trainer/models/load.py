@@ -24,6 +24,8 @@ from trainer.models.families import FAMILIES, set_dropout
 from trainer.models.pretrained import load_pretrained, set_causal_lm_loss, tied_names
 
 TRAINING_INFO = "llm_training.json"
+TRUST_FLAG = "--trust-remote-code"
+"""How the commands that load a model (eval, export, generate, compare) allow a model's own code to run."""
 
 
 @dataclass(frozen=True)
@@ -76,15 +78,32 @@ def full_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     return load_model_state(step_dir / "model")
 
 
-def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | None = None) -> LoadedModel:
-    """The checkpoint's model (in eval mode), of its saved architecture; `dropout` replaces the run's setting."""
+def refuse_untrusted_code(where: str, config: dict[str, Any], trust_remote_code: bool, flag: str) -> None:
+    """A model config with an `auto_map` names Python files to import: only the invoking command's flag (never
+    a setting saved in the folder, which whoever wrote it chose) lets them run."""
+    if config.get("auto_map") and not trust_remote_code:
+        raise UserError(
+            f"{where} holds a model with its own code (auto_map {config['auto_map']}); it runs only with {flag}, "
+            "if you trust where it came from"
+        )
+
+
+def model_from_checkpoint(
+    step_dir: Path,
+    attn: str = "sdpa",
+    dropout: float | None = None,
+    trust_remote_code: bool = False,
+    flag: str = TRUST_FLAG,
+) -> LoadedModel:
+    """The checkpoint's model (in eval mode), of its saved architecture; `dropout` replaces the run's setting.
+    Code the architecture names runs only with `trust_remote_code` from the caller (whose `flag` says how)."""
     config: Config = load_config(step_dir / "config.yaml")
     state = full_state_dict(step_dir)
     model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
-    hf_config = _saved_architecture(step_dir, model_config, state)
+    hf_config = _saved_architecture(step_dir, model_config, state, trust_remote_code, flag)
     set_dropout(hf_config, model_config.dropout)
     model = AutoModelForCausalLM.from_config(
-        hf_config, attn_implementation=attn, trust_remote_code=model_config.trust_remote_code
+        hf_config, attn_implementation=attn, trust_remote_code=trust_remote_code
     )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - tied_names(model):
@@ -100,27 +119,37 @@ def model_from_checkpoint(step_dir: Path, attn: str = "sdpa", dropout: float | N
     )
 
 
-def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Any:
+def _saved_architecture(
+    step_dir: Path,
+    model_config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    trust_remote_code: bool,
+    flag: str,
+) -> Any:
     """The checkpoint's `transformers` config; a checkpoint written before model_config.json existed is a
     GPT-2 of the run's shape, its vocabulary and context read from the embeddings."""
     saved = step_dir / MODEL_CONFIG
     if saved.is_file():
         values = json.loads(saved.read_text())
+        refuse_untrusted_code(f"checkpoint '{step_dir}'", values, trust_remote_code, flag)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     vocab_size, _ = state["transformer.wte.weight"].shape
     seq_len = state["transformer.wpe.weight"].shape[0]
     return FAMILIES["gpt2"].make_config(model_config, model_shape(model_config), vocab_size, seq_len)
 
 
-def load_any(path: str | Path) -> LoadedModel:
-    """A RUN_DIR, a checkpoint step folder, or an exported HF folder."""
+def load_any(path: str | Path, trust_remote_code: bool = False) -> LoadedModel:
+    """A RUN_DIR, a checkpoint step folder, or an exported HF folder; a model's own code (an `auto_map`) runs
+    only with `trust_remote_code` (the command's --trust-remote-code)."""
     path = Path(path)
     if not path.exists():
         raise UserError(
             f"'{path}' does not exist; give a RUN_DIR, a checkpoint step folder or an exported HF folder"
         )
     if is_hf_folder(path):
-        model = load_pretrained(path).eval()
+        config = json.loads((path / "config.json").read_text())
+        refuse_untrusted_code(f"'{path}'", config, trust_remote_code, TRUST_FLAG)
+        model = load_pretrained(path, trust_remote_code=trust_remote_code).eval()
         set_causal_lm_loss(model)
         info_file = path / TRAINING_INFO
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
@@ -130,7 +159,7 @@ def load_any(path: str | Path) -> LoadedModel:
             info.get("step"),
             info.get("data_path"),
         )
-    return model_from_checkpoint(resolve_step_dir(path))
+    return model_from_checkpoint(resolve_step_dir(path), trust_remote_code=trust_remote_code)
 
 
 def load_tokenizer(loaded: LoadedModel) -> PreTrainedTokenizerBase:
