@@ -22,6 +22,7 @@ from trainer.data.loader import build_loader
 from trainer.data.prepare import PrepareOptions, run_prepare
 from trainer.data.prepare.instructions import RecordCounts, encode
 from trainer.data.prepare.stdlib_instructions import stdlib_records
+from trainer.errors import UserError
 from trainer.models.build import build_model
 from trainer.models.load import full_state_dict
 from trainer.parallel.inputs import model_inputs
@@ -297,3 +298,36 @@ def test_instruction_steps_that_do_not_log_read_nothing_from_the_device(chat_dat
         "checkpoint.every_steps=100",
     ]
     assert host_conversions(tmp_path / "run", data, 2, extra, steps=(2, 11)) == {0: [], 1: []}
+
+
+POSITIONAL_TEMPLATE = (  # like templates that keep <think> only in the last reply: a turn renders by its position
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% if loop.last %}{{ '<think></think>' }}{% endif %}"
+    "{% generation %}{{ m['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_renders_a_turn_by_its_position_is_refused_or_read_from_its_marks(demo_dataset):
+    """Two exchanges; the template renders the first reply differently once another turn follows. Without its
+    {% generation %} marks the prefixes do not line up and preparing is refused, naming the tokenizer; with them
+    the loss mask is exactly the two replies and their end markers, and no token of the second question."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dataset.path / "tokenizer")
+    messages = [{"role": "user", "content": "What is glob?"}, {"role": "assistant", "content": "A module."},
+                {"role": "user", "content": "And fnmatch?"}, {"role": "assistant", "content": "Another one."}]  # fmt: skip
+    line = json.dumps({"messages": messages})
+    tokenizer.chat_template = POSITIONAL_TEMPLATE.replace("{% generation %}", "").replace(
+        "{% endgeneration %}", ""
+    )
+    with pytest.raises(
+        UserError, match=r"renders a conversation's first 2 turns differently.*\{% generation %\}"
+    ):
+        encode(line, "chat", tokenizer, 10**6, RecordCounts(), "x")
+    tokenizer.chat_template = POSITIONAL_TEMPLATE
+    example = encode(line, "chat", tokenizer, 10**6, RecordCounts(), "x")
+    trained = tokenizer.decode(example.tokens[example.mask.astype(bool)])
+    assert trained == "A module." + tokenizer.eos_token + "Another one." + tokenizer.eos_token, trained
+    assert example.tokens.tolist() == tokenizer.apply_chat_template(messages, tokenize=True)

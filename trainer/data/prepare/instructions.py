@@ -10,7 +10,10 @@ Formats (`--format`):
 
 The text is rendered once and tokenized once (with character offsets), and a token is a response token
 when it starts inside a response's characters: the tokens are exactly those of the rendered text, which
-is what `apply_chat_template` gives at inference.
+is what `apply_chat_template` gives at inference. A reply's characters are those its template marks with
+{% generation %} when it does; else they lie between the render of the turns before it (with the generation
+prompt) and that of the turns up to it, and both renders must be prefixes of the whole conversation's: a
+template that renders a turn differently by its position (dropping earlier turns' <think> blocks) is refused.
 
 A record that cannot be used is counted by reason (`BAD_REASONS`) and named by file:line in a warning,
 never dropped silently. A response cut at `seq_len` is kept (counted as `truncated`).
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.prepare.options import FORMATS, PACKING
+from trainer.errors import UserError
 
 __all__ = ["FORMATS", "PACKING", "Example", "RecordCounts", "encode", "ensure_chat_template", "render"]
 ROLES = ("system", "user", "assistant")
@@ -39,6 +43,7 @@ BAD_REASONS = {
     "empty_response": "an empty response",
     "prompt_too_long": "the prompt fills seq_len: no response token fits",
 }
+GENERATION_MARK = "generation %}"  # {% generation %} or {%- generation %}: the template marks its replies
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
@@ -131,14 +136,50 @@ def render(record: Any, fmt: str, tokenizer: Any) -> tuple[str, list[tuple[int, 
     if any(message["role"] == "assistant" and not message["content"].strip() for message in messages):
         return "empty_response"
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    if GENERATION_MARK in (tokenizer.chat_template or ""):
+        return text, _marked_spans(messages, tokenizer, text)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
         after = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (text.startswith(before) and text.startswith(after)):
+            raise UserError(inconsistent_template(tokenizer, index))
         spans.append((len(before), len(after)))
-    return tokenizer.apply_chat_template(messages, tokenize=False), spans
+    return text, spans
+
+
+def inconsistent_template(tokenizer: Any, index: int) -> str:
+    return (
+        f"the chat template of tokenizer '{tokenizer.name_or_path}' renders a conversation's first {index + 1} "
+        "turns differently once later turns follow (as templates that drop earlier turns' <think> blocks do), "
+        "so the replies cannot be found by rendering prefixes and the next turns' tokens would be trained on; "
+        "mark the assistant content in the template with {% generation %}...{% endgeneration %} "
+        "(transformers' assistant mask), or prepare with a template that renders every turn the same wherever "
+        "it stands"
+    )
+
+
+def _marked_spans(messages: list[dict[str, str]], tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """The replies' character spans from the template's own {% generation %} marks (transformers' assistant
+    mask over the tokens of `text`): right however the template renders a turn by its position."""
+    marked = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if len(offsets) != len(marked["assistant_masks"]):
+        raise UserError(inconsistent_template(tokenizer, len(messages) - 1))
+    spans: list[tuple[int, int]] = []
+    for inside, (start, end) in zip(marked["assistant_masks"], offsets, strict=True):
+        if not inside:
+            continue
+        if spans and spans[-1][1] >= start:
+            spans[-1] = (spans[-1][0], end)
+        else:
+            spans.append((start, end))
+    return spans
 
 
 def encode(
