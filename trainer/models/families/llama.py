@@ -1,7 +1,9 @@
 """Llama (`transformers.LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU MLP, grouped-query attention.
 
-The 1b and 3b presets are the shapes of Llama 3.2 1B and 3B (tied embeddings, rope_theta 500000);
-150m is a 16-layer, 768-wide model of the same design; tiny is for CPU tests and the demo.
+The 1b and 3b presets are Llama 3.2 1B and 3B as published (meta-llama/Llama-3.2-1B and -3B config.json):
+their shapes, tied embeddings, rope_theta 500000, RMSNorm epsilon 1e-5 and the "llama3" RoPE frequency scaling
+(factor 32 over an original 8192-token context); 150m is a 16-layer, 768-wide model of the same design; tiny is
+for CPU tests and the demo.
 """
 
 from __future__ import annotations
@@ -21,13 +23,25 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "rope_theta": 500000.0, "tie_embeddings": True},
 }  # fmt: skip
 
+LLAMA_3_2 = {
+    "rms_norm_eps": 1e-5,
+    "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}  # fmt: skip
+LLAMA_3_2_CONTEXT = 131072
+PUBLISHED: dict[str, dict[str, Any]] = {"llama-1b": LLAMA_3_2, "llama-3b": LLAMA_3_2}
+"""What the published configs of the presets' models set beyond the shape keys; their context
+(max_position_embeddings) is the published 131072 tokens whatever model.seq_len trains on, as in the released
+models (RoPE has no position table: the context only bounds generation and evaluation)."""
+
 
 def make_config(model: Any, shape: dict[str, Any], vocab_size: int, seq_len: int) -> Any:
     from transformers import LlamaConfig
 
+    published = PUBLISHED.get(model.size or "", {})
     return LlamaConfig(
         vocab_size=vocab_size,
-        max_position_embeddings=seq_len,
+        max_position_embeddings=max(seq_len, LLAMA_3_2_CONTEXT) if published else seq_len,
         hidden_size=shape["n_embd"],
         num_hidden_layers=shape["n_layer"],
         num_attention_heads=shape["n_head"],
@@ -37,6 +51,7 @@ def make_config(model: Any, shape: dict[str, Any], vocab_size: int, seq_len: int
         tie_word_embeddings=shape["tie_embeddings"],
         attention_dropout=model.dropout,
         use_cache=False,
+        **published,
     )
 
 
