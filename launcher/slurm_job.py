@@ -160,6 +160,20 @@ def check_fits(profile: ClusterProfile, size: PartitionSize | None) -> None:
         )
 
 
+STOP_TRAP = [
+    "# SIGTERM (scancel, preemption) makes srun kill every task at once: note it, requeue once srun has returned",
+    "trap 'LLM_TRAIN_STOPPED=SIGTERM' TERM",
+]
+
+
+def stop_requeue_line(python: str, trainer_args: str) -> str:
+    """The batch shell's line after srun: requeue when the job got SIGTERM (trainer/resilience/stopped_job.py)."""
+    return (
+        f'if [[ -n "${{LLM_TRAIN_STOPPED:-}}" ]]; then {python} -m trainer.resilience.stopped_job '
+        f'"$LLM_TRAIN_STOPPED" {trainer_args}; fi'
+    )
+
+
 def sbatch_parameters(sub: Submission) -> dict[str, Any]:
     """submitit's SlurmExecutor parameters (sbatch's names) for this submission."""
     profile = sub.profile
@@ -169,7 +183,9 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "save, requeue, resume",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
         *profile.setup,
+        *STOP_TRAP,
     ]
+    teardown = [stop_requeue_line(shlex.quote(sys.executable), shlex.quote(str(sub.config_path)))]
     mem = None  # SLURM's default
     if profile.mem_gb == 0:
         mem = "0"  # all of each node's memory
@@ -190,6 +206,7 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "time": math.ceil(profile.time_s / 60),  # SLURM counts whole minutes
         "signal_delay_s": sub.config.slurm.signal_lead_s,
         "setup": setup,
+        "teardown": teardown,
         "wckey": None,
         "additional_parameters": {"requeue": True, "nodes": profile.sbatch_nodes, **profile.sbatch_extra},
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 from mds_fixtures import write_dataset
-from slurm_helpers import TERMINAL_JOB_STATES, TMP_BASE, Job, run
+from slurm_helpers import TERMINAL_JOB_STATES, TMP_BASE, Job, node_states, run
 from trainer_runs import BASE_OVERRIDES, losses, read_metrics, train
 
 from launcher.cli import main as cli_main
@@ -241,7 +241,13 @@ def gauntlet_driver(tracked: Tracked) -> None:
 
 def submit_when_idle(watcher: Watcher, name: str, run_dir: Path, args: list[str]) -> None:
     """Once every job the watcher follows has ended, `llm-train ARGS` (a submit) and follow that job too."""
-    while time.monotonic() < watcher.deadline and any(t.final is None for t in watcher.jobs.values()):
+
+    def busy() -> bool:  # a job still followed, or a node not yet idle again (a job's epilog runs)
+        return any(t.final is None for t in watcher.jobs.values()) or any(
+            state != "idle" for state in node_states().values()
+        )
+
+    while time.monotonic() < watcher.deadline and busy():
         time.sleep(0.5)
     result = llm_train(*args)
     job_id = result.stdout.strip().splitlines()[-1] if result.returncode == 0 else ""
@@ -506,7 +512,9 @@ def test_every_fault_costs_one_requeue_is_named_and_the_run_ends_as_if_uninterru
     assert [s["world_size"] for s in starts] == [2, 2, 2, 1] and starts[-1]["grad_accum"] == 2, (
         tracked.explain()
     )
-    assert [r["step"] for r in tracked.events("resume")] == [6, 12], tracked.explain()
+    # The scancel at start-up may or may not leave a checkpoint of the first allocation (srun kills the tasks on
+    # SIGTERM; the batch script requeues): the last two resumes are the kill's and the full disk's.
+    assert [r["step"] for r in tracked.events("resume")][-2:] == [6, 12], tracked.explain()
     assert "test hook: injected read error" in (tracked.run_dir / "logs" / "rank1.log").read_text()
 
     records = tracked.records()
