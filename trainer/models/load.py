@@ -97,10 +97,15 @@ def model_from_checkpoint(
 ) -> LoadedModel:
     """The checkpoint's model (in eval mode), of its saved architecture; `dropout` replaces the run's setting.
     Code the architecture names runs only with `trust_remote_code` from the caller (whose `flag` says how)."""
+    saved = step_dir / MODEL_CONFIG
+    if saved.is_file():  # before any weight is read
+        refuse_untrusted_code(
+            f"checkpoint '{step_dir}'", json.loads(saved.read_text()), trust_remote_code, flag
+        )
     config: Config = load_config(step_dir / "config.yaml")
     state = full_state_dict(step_dir)
     model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
-    hf_config = _saved_architecture(step_dir, model_config, state, trust_remote_code, flag)
+    hf_config = _saved_architecture(step_dir, model_config, state)
     set_dropout(hf_config, model_config.dropout)
     model = AutoModelForCausalLM.from_config(
         hf_config, attn_implementation=attn, trust_remote_code=trust_remote_code
@@ -119,19 +124,12 @@ def model_from_checkpoint(
     )
 
 
-def _saved_architecture(
-    step_dir: Path,
-    model_config: ModelConfig,
-    state: dict[str, torch.Tensor],
-    trust_remote_code: bool,
-    flag: str,
-) -> Any:
+def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Any:
     """The checkpoint's `transformers` config; a checkpoint written before model_config.json existed is a
     GPT-2 of the run's shape, its vocabulary and context read from the embeddings."""
     saved = step_dir / MODEL_CONFIG
     if saved.is_file():
         values = json.loads(saved.read_text())
-        refuse_untrusted_code(f"checkpoint '{step_dir}'", values, trust_remote_code, flag)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     vocab_size, _ = state["transformer.wte.weight"].shape
     seq_len = state["transformer.wpe.weight"].shape[0]
