@@ -160,18 +160,17 @@ def check_fits(profile: ClusterProfile, size: PartitionSize | None) -> None:
         )
 
 
-STOP_TRAP = [
-    "# SIGTERM (scancel, preemption) makes srun kill every task at once: note it, requeue once srun has returned",
-    "trap 'LLM_TRAIN_STOPPED=SIGTERM' TERM",
-]
-
-
-def stop_requeue_line(python: str, trainer_args: str) -> str:
-    """The batch shell's line after srun: requeue when the job got SIGTERM (trainer/resilience/stopped_job.py)."""
-    return (
-        f'if [[ -n "${{LLM_TRAIN_STOPPED:-}}" ]]; then {python} -m trainer.resilience.stopped_job '
-        f'"$LLM_TRAIN_STOPPED" {trainer_args}; fi'
-    )
+def stop_watch_lines(python: str, trainer_args: str) -> tuple[list[str], list[str]]:
+    """The batch script's lines before and after srun for SIGTERM: srun kills every task on it, so a watcher
+    in the batch step requeues the job when the trainer could not (trainer/resilience/stopped_job.py)."""
+    before = [
+        "# SIGTERM (scancel, preemption) makes srun kill every task at once: requeue if the trainer cannot",
+        f"{python} -m trainer.resilience.stopped_job {trainer_args} &",
+        "LLM_TRAIN_STOP_WATCH=$!",
+        "trap 'true' TERM  # this shell lives on to end the watcher once srun has returned",
+    ]
+    after = ['kill "$LLM_TRAIN_STOP_WATCH" 2>/dev/null || true']
+    return before, after
 
 
 def sbatch_parameters(sub: Submission) -> dict[str, Any]:
@@ -183,9 +182,9 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "save, requeue, resume",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
         *profile.setup,
-        *STOP_TRAP,
     ]
-    teardown = [stop_requeue_line(shlex.quote(sys.executable), shlex.quote(str(sub.config_path)))]
+    watch, teardown = stop_watch_lines(shlex.quote(sys.executable), shlex.quote(str(sub.config_path)))
+    setup += watch
     mem = None  # SLURM's default
     if profile.mem_gb == 0:
         mem = "0"  # all of each node's memory

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -239,31 +240,39 @@ def test_a_requeue_that_ends_scontrol_with_the_job_still_counts(slurm_job, tmp_p
         assert history["events"][0]["restart_count"] == 0, history
 
 
-def test_the_batch_script_requeues_a_job_whose_tasks_srun_killed(slurm_job, tmp_path, capsys):
-    """srun answers SIGTERM with SIGKILL to every task: the batch shell then requeues (stopped_job), once per
-    allocation, and not when the trainer had already decided or `llm-train cancel` stopped the job."""
-    from trainer.config import load_config, to_yaml
-    from trainer.resilience.requeue import cancel_marker
-    from trainer.resilience.stopped_job import main as stopped_job
+def test_the_batch_steps_watcher_requeues_a_job_whose_tasks_srun_killed(slurm_job, tmp_path):
+    """srun answers SIGTERM with SIGKILL to every task: the watcher in the batch step then requeues, once per
+    allocation, and not when the trainer had decided in time or `llm-train cancel` stopped the job."""
+    from trainer.config import load_config
+    from trainer.resilience.requeue import cancel_marker, record_decision
+    from trainer.resilience.stopped_job import requeue_unless_decided
 
     fake = tmp_path / "bin" / "scontrol"  # stands for the controller: the requeue succeeds
     fake.parent.mkdir(exist_ok=True)
     fake.write_text("#!/bin/bash\nexit 0\n")
     fake.chmod(0o755)
-    config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config("tiny", [f"run.dir={slurm_job}", "data.path=/d"])))
+    config = load_config("tiny", [f"run.dir={slurm_job}", "data.path=/d"])
     (slurm_job / "metrics.jsonl").write_text('{"step": 4, "loss": 5.0}\n{"step": 5, "lo')  # cut by the kill
-    assert stopped_job(["SIGTERM", str(config)]) == 0
+    why = requeue_unless_decided(config, "SIGTERM", grace_s=0.2)
+    assert why is not None and "requeued job 4242" in why, why
     history = json.loads((slurm_job / REQUEUES_FILE).read_text())
     assert history["count"] == 1 and history["events"][0]["signal"] == "SIGTERM", history
     assert history["events"][0]["step"] == 4 and "srun" in history["events"][0]["cause"], history
-    assert "requeued job 4242" in capsys.readouterr().err
-    assert stopped_job(["SIGTERM", str(config)]) == 0  # decided already: nothing more
+    assert requeue_unless_decided(config, "SIGTERM", grace_s=0.2) is None  # decided already: nothing more
     assert json.loads((slurm_job / REQUEUES_FILE).read_text())["count"] == 1
 
+    for marker in slurm_job.glob(".requeue-*"):
+        marker.unlink()
     (slurm_job / REQUEUES_FILE).unlink()
+    started = time.monotonic()
+    threading.Timer(
+        0.3, record_decision, (slurm_job, "requeue after SIGTERM")
+    ).start()  # the trainer, in time
+    assert requeue_unless_decided(config, "SIGTERM", grace_s=5) is None
+    assert time.monotonic() - started < 2 and not (slurm_job / REQUEUES_FILE).exists()
+
     for marker in slurm_job.glob(".requeue-*"):
         marker.unlink()
     cancel_marker(slurm_job, "4242").write_text("")
-    assert stopped_job(["SIGTERM", str(config)]) == 0
-    assert not (slurm_job / REQUEUES_FILE).exists() and "not requeued" in capsys.readouterr().err
+    why = requeue_unless_decided(config, "SIGTERM", grace_s=0.1)
+    assert "not requeued" in why and not (slurm_job / REQUEUES_FILE).exists()
