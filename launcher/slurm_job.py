@@ -169,8 +169,25 @@ def stop_watch_lines(python: str, trainer_args: str) -> tuple[list[str], list[st
         "LLM_TRAIN_STOP_WATCH=$!",
         "trap 'true' TERM  # this shell lives on to end the watcher once srun has returned",
     ]
-    after = ['kill "$LLM_TRAIN_STOP_WATCH" 2>/dev/null || true']
+    after = [
+        'kill -KILL "$LLM_TRAIN_STOP_WATCH" 2>/dev/null || true  # not TERM: that is what it watches for'
+    ]
     return before, after
+
+
+def _task_layout(profile: ClusterProfile) -> dict[str, Any]:
+    """Tasks and CPUs: per task in sbatch; with a node range (min_nodes), per node in sbatch and per task in srun.
+
+    sbatch --ntasks-per-node with --nodes=MIN-MAX makes the job's task count MIN x that, and SLURM then allocates
+    MIN nodes however many are free. So a ranged job asks sbatch for one task per node holding all of the node's
+    CPUs (SLURM then gives it as many nodes as are free, up to MAX), and srun starts the node's tasks."""
+    if not profile.min_nodes:
+        return {"ntasks_per_node": profile.tasks_per_node, "cpus_per_task": profile.cpus_per_task}
+    cpus = profile.cpus_per_task or 1
+    return {
+        "cpus_per_task": cpus * profile.tasks_per_node,
+        "srun_args": ["--ntasks-per-node", str(profile.tasks_per_node), "--cpus-per-task", str(cpus)],
+    }
 
 
 def sbatch_parameters(sub: Submission) -> dict[str, Any]:
@@ -180,7 +197,9 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         f"# each task trains: trainer.main {shlex.quote(str(sub.config_path))} (launcher.slurm_task.run_task)",
         f"# time limit {format_time(profile.time_s)}; SIGUSR2 {sub.config.slurm.signal_lead_s} s before it: "
         "save, requeue, resume",
-        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}",
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-"
+        + (str(profile.cpus_per_task or 1) if profile.min_nodes else "${SLURM_CPUS_PER_TASK:-1}")
+        + "}",
         *profile.setup,
     ]
     watch, teardown = stop_watch_lines(shlex.quote(sys.executable), shlex.quote(str(sub.config_path)))
@@ -198,9 +217,8 @@ def sbatch_parameters(sub: Submission) -> dict[str, Any]:
         "qos": profile.qos,
         "constraint": profile.constraint,
         "nodes": profile.nodes,  # submitit counts its tasks from it: the range goes in additional_parameters
-        "ntasks_per_node": profile.tasks_per_node,
+        **_task_layout(profile),
         "gpus_per_node": profile.gpus_per_node or None,
-        "cpus_per_task": profile.cpus_per_task,
         "mem": mem,
         "time": math.ceil(profile.time_s / 60),  # SLURM counts whole minutes
         "signal_delay_s": sub.config.slurm.signal_lead_s,

@@ -158,13 +158,19 @@ def test_dry_run_refuses_what_the_job_could_not_run(capsys, tmp_path, dataset, o
 
 
 def test_min_nodes_asks_for_a_node_range(capsys, tmp_path, dataset):
-    """--min-nodes 2 of 4: an allocation may be 2, 3 or 4 nodes; each of those world sizes divides the batch."""
+    """--min-nodes 2 of 4: an allocation may be 2, 3 or 4 nodes (as many as are free); each of those world sizes
+    divides the batch."""
     code, out, err = cli(
         capsys, "submit", "tiny", f"run.dir={tmp_path / 'run'}", f"data.path={dataset}", "train.global_batch_size=384",
         "train.micro_batch_size=4", "--cluster", "gpu-cluster", "--min-nodes", "2", "--dry-run",
     )  # fmt: skip
     assert code == 0, err
     assert "#SBATCH --nodes=2-4\n" in out and "layout: 2-4 node(s) x 8 task(s)" in out
+    # One task per node in the allocation (else SLURM would allocate 2 nodes however many are free), holding
+    # the node's CPUs; srun starts the 8 tasks of each node.
+    assert "#SBATCH --ntasks-per-node" not in out and "#SBATCH --cpus-per-task=96\n" in out
+    assert "srun --unbuffered" in out and "--ntasks-per-node 8 --cpus-per-task 12 " in out
+    assert "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-12}" in out
 
 
 def test_submit_needs_a_cluster_and_a_valid_config(capsys, tmp_path, dataset):

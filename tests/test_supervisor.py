@@ -251,7 +251,7 @@ def test_the_batch_steps_watcher_requeues_a_job_whose_tasks_srun_killed(slurm_jo
     fake.parent.mkdir(exist_ok=True)
     fake.write_text("#!/bin/bash\nexit 0\n")
     fake.chmod(0o755)
-    config = load_config("tiny", [f"run.dir={slurm_job}", "data.path=/d"])
+    config = load_config("tiny", [f"run.dir={slurm_job}", "data.path=/d", "train.max_steps=20"])
     (slurm_job / "metrics.jsonl").write_text('{"step": 4, "loss": 5.0}\n{"step": 5, "lo')  # cut by the kill
     why = requeue_unless_decided(config, "SIGTERM", grace_s=0.2)
     assert why is not None and "requeued job 4242" in why, why
@@ -276,3 +276,7 @@ def test_the_batch_steps_watcher_requeues_a_job_whose_tasks_srun_killed(slurm_jo
     cancel_marker(slurm_job, "4242").write_text("")
     why = requeue_unless_decided(config, "SIGTERM", grace_s=0.1)
     assert "not requeued" in why and not (slurm_job / REQUEUES_FILE).exists()
+    (slurm_job / "metrics.jsonl").write_text('{"step": 20, "loss": 5.0}\n{"event": "done", "step": 20}\n')
+    (slurm_job / ".cancel-4242").unlink()
+    assert "had finished" in requeue_unless_decided(config, "SIGTERM", grace_s=0.1)
+    assert not (slurm_job / REQUEUES_FILE).exists()

@@ -7,7 +7,7 @@ SLURM's KillWait runs out). Between steps the trainer usually saves and requeues
 cannot. So this watcher, which gets the same SIGTERM, waits for the trainer's (or a supervisor's) decision until
 shortly before KillWait ends, and requeues the job itself when none came (trainer.resilience.requeue: at most
 once per allocation, never after `llm-train cancel`, within slurm.max_requeues); the run then resumes from its
-newest checkpoint. No torch here; the batch script ends the watcher once srun has returned.
+newest checkpoint. No torch here; the batch script ends the watcher (SIGKILL) once srun has returned.
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def requeue_unless_decided(config: Config, signal_name: str, grace_s: float) -> 
         time.sleep(0.1)
     if decided(run_dir):
         return None
+    step = last_step(run_dir)
+    if step >= config.train.max_steps:
+        return f"the run had finished (step {step}): not requeued"
     cause = f"{signal_name} reached srun, which ended every task before the trainer could save; requeued by the batch script"
-    _, why = requeue(run_dir, config.slurm.max_requeues, last_step(run_dir), signal_name, cause=cause)
+    _, why = requeue(run_dir, config.slurm.max_requeues, step, signal_name, cause=cause)
     return why
 
 
