@@ -170,7 +170,9 @@ def stop_watch_lines(python: str, trainer_args: str) -> tuple[list[str], list[st
         "trap 'true' TERM  # this shell lives on to end the watcher once srun has returned",
     ]
     after = [
-        'kill -KILL "$LLM_TRAIN_STOP_WATCH" 2>/dev/null || true  # not TERM: that is what it watches for'
+        "LLM_TRAIN_STATUS=$?  # srun's: the job's exit status stays the trainer's",
+        'kill -KILL "$LLM_TRAIN_STOP_WATCH" 2>/dev/null  # not TERM: that is what it watches for',
+        'exit "$LLM_TRAIN_STATUS"',
     ]
     return before, after
 

@@ -4,8 +4,9 @@ slow, in the log with its host."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from trainer_runs import train
+from trainer_runs import train, watch_steps
 
 from launcher.cli import main as cli_main
 from trainer.resilience.fault_injection import SLOW_RANK_ENV
@@ -34,3 +35,23 @@ def test_a_slowed_rank_is_named_as_the_straggler(demo_dataset, tmp_path, monkeyp
 def test_no_straggler_is_named_on_one_rank(demo_dataset, tmp_path):
     records = train(tmp_path / "run", demo_dataset.path, nproc=1, overrides=["train.max_steps=2"])
     assert not [r for r in records if "slowest_rank" in r]
+
+
+def test_rank_0_opens_the_same_files_per_logging_step_at_any_world_size(demo_dataset, tmp_path):
+    """The straggler summary comes from the step report's all-reduce: over four logging steps rank 0's training
+    thread opens the same files at world size 2 as at 4 (no other rank's heartbeat), and no rank writes its
+    heartbeat from the training thread."""
+    overrides = [
+        "train.max_steps=8",
+        "log.every_steps=1",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+    ]
+    opened = {
+        nproc: watch_steps(tmp_path / f"run{nproc}", demo_dataset.path, nproc, overrides, steps=(3, 6))
+        for nproc in (2, 4)
+    }
+    assert [Path(p).name for p in opened[2][0]["opened"]] == [Path(p).name for p in opened[4][0]["opened"]]
+    for nproc, records in opened.items():
+        for rank, record in records.items():
+            assert not [p for p in record["opened"] if "heartbeats" in p], (nproc, rank, record["opened"])

@@ -113,15 +113,24 @@ def host_conversions(
 ) -> dict[int, list[str]]:
     """Train with the host-conversion counter of tests/rank_hooks/sitecustomize.py watching steps
     `steps` (first, last; none of them may log, evaluate or save); returns each rank's conversions."""
+    watched = watch_steps(run_dir, data, nproc, ["log.every_steps=1000", *extra], steps)
+    return {rank: record["conversions"] for rank, record in watched.items()}
+
+
+def watch_steps(
+    run_dir: Path, data: Path, nproc: int, overrides: list[str], steps: tuple[int, int]
+) -> dict[int, dict]:
+    """Train with tests/rank_hooks/sitecustomize.py watching the training thread over steps `steps` (first,
+    last); each rank's record: its tensor-to-host conversions and the files it opened."""
     prefix = run_dir.parent / f"{run_dir.name}-syncs"
     hooks = {"PYTHONPATH": os.pathsep.join(filter(None, [RANK_HOOKS, os.environ.get("PYTHONPATH")])),
              "LLM_TEST_HOST_SYNCS": f"{prefix}:{steps[0]}:{steps[1]}"}  # fmt: skip
     saved = {name: os.environ.get(name) for name in hooks}
     os.environ.update(hooks)
     try:
-        train(run_dir, data, nproc=nproc, overrides=["log.every_steps=1000", *extra])
+        train(run_dir, data, nproc=nproc, overrides=overrides)
     finally:
         for name, value in saved.items():
             os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
     reports = {rank: Path(f"{prefix}.rank{rank}.json") for rank in range(nproc)}
-    return {rank: json.loads(path.read_text())["conversions"] for rank, path in reports.items()}
+    return {rank: json.loads(path.read_text()) for rank, path in reports.items()}

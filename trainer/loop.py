@@ -72,7 +72,8 @@ def train_step(
             last = micro == ctx.plan.grad_accum - 1
             loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
-    ctx.heartbeat.step_busy(step, time.perf_counter() - started)
+    busy_s = time.perf_counter() - started
+    ctx.heartbeat.step_busy(step, busy_s)
     ctx.checkpoints.before_update()
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()
@@ -87,6 +88,8 @@ def train_step(
         ctx.checkpoints.failed_in_background,
         response_tokens,
         ctx.plan.world_size,
+        ctx.rank,
+        busy_s,
     )
 
 
@@ -142,7 +145,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
     ctx.clock.switch("productive")
     watch = LossWatch(cfg.train.loss_spike_factor, cfg.train.on_nonfinite)
     profiler = _step_profiler(ctx)
-    stragglers = StragglerWatch(Path(cfg.run.dir), ctx.plan.world_size, cfg.parallel.straggler_factor)
+    stragglers = StragglerWatch(ctx.plan.world_size, cfg.parallel.straggler_factor)
     unread: StepReport | None = None
     while state.step < last_step:
         skip_listed_batches(ctx, state, batches)
@@ -178,7 +181,6 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         state.step, state.tokens = step, state.tokens + tokens_per_step
         window_tokens += tokens_per_step
         if logs:
-            ctx.heartbeat.beat()  # every rank: its step times, for the straggler summary of rank 0
             tokens_per_s = window_tokens / (time.perf_counter() - window_start)
             record = {
                 "step": step,
@@ -191,7 +193,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
                 "mfu": mfu(tokens_per_s, ctx.facts.flops_per_token(), ctx.plan.world_size, ctx.peak_tflops),
                 "step_time_s": round(time.perf_counter() - step_start, 4),
                 "mem_gb": _memory_gb(ctx.device),
-                **(stragglers.summary() if ctx.is_main else {}),
+                **(stragglers.summary(result.busy_s) if ctx.is_main else {}),
             }
             ctx.metrics.write(record)
             _report(progress, record)
@@ -206,8 +208,7 @@ def train_loop(ctx: LoopContext, state: TrainState, train_loader: Any, val_loade
         if saves or stop_signal:
             blocking = step == last_step or stop_signal is not None
             with ctx.clock.phase("checkpoint"):
-                ctx.heartbeat.enter("checkpoint save")
-                ctx.heartbeat.beat()  # at once, not at the next interval: ranks die in saves (OOM, disk)
+                ctx.heartbeat.enter("checkpoint save", urgent=True)  # ranks die in saves (OOM, a full disk)
                 ctx.checkpoints.save(step, state.state_dict(), backend, train_loader, blocking=blocking)
             ctx.clock.checkpointed(step)
             ctx.metrics.event("checkpoint", step)

@@ -3,7 +3,8 @@
 A step leaves its summed loss and gradient norm on the device. Reading them at once (`.item()`) would
 make the host wait for the whole step, and on a GPU every such wait leaves the device idle while the
 host prepares the next step. So the loss, this rank's stop request, whether its background checkpoint
-write has failed and (instruction data) the response tokens travel in ONE all-reduce, and the result is
+write has failed, how long the step kept each rank busy (the straggler summary: no rank reads another's
+files for it) and (instruction data) the response tokens travel in ONE all-reduce, and the result is
 copied to host memory without blocking (pinned memory and an event on CUDA). The loop reads a step's
 report one step later, when its work has long finished, or at once where it must know (logging,
 evaluation, checkpoint, the last step, `train.on_nonfinite=skip_batch`). Every rank reads the same
@@ -38,6 +39,8 @@ class StepResult:
     """Some rank's background checkpoint write had failed by the end of the step. Each rank learns that
     at its own moment; acting on the reduced flag makes every rank stop at the same step."""
     response_tokens: int | None
+    busy_s: tuple[float, ...] = ()
+    """How long the step kept each rank busy before its optimizer step (data, forward, backward), by rank."""
 
 
 class StepReport:
@@ -53,12 +56,16 @@ class StepReport:
         save_failed: bool,
         response_tokens: torch.Tensor | None,
         world_size: int,
+        rank: int = 0,
+        busy_s: float = 0.0,
     ) -> None:
         self.step, self.batch, self.world_size = step, batch, world_size
         self.has_tokens = response_tokens is not None
         device = loss_sum.device
         flags = [1.0 if stop_received == slot else 0.0 for slot in _STOP_SLOTS] + [float(save_failed)]
-        reduced = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), _to_device(flags, device)]))
+        busy = [0.0] * world_size
+        busy[rank] = busy_s  # summed over ranks: every rank's busy time in its own slot
+        reduced = all_reduce_sum(torch.cat([loss_sum.double().reshape(1), _to_device(flags + busy, device)]))
         parts = [reduced, grad_norm.detach().double().reshape(1)]
         if response_tokens is not None:
             parts.append(response_tokens.double().reshape(1))
@@ -83,7 +90,8 @@ class StepReport:
         values = self._host.numpy().tolist()  # host memory: no device is involved any more
         slots = len(_STOP_SLOTS)
         loss_sum, stops, save_failed = values[0], values[1 : 1 + slots], values[1 + slots]
-        grad_norm = values[2 + slots]
+        busy = values[2 + slots : 2 + slots + self.world_size]
+        grad_norm = values[2 + slots + self.world_size]
         received = [slot for slot, count in zip(_STOP_SLOTS, stops, strict=True) if count > 0]
         return StepResult(
             step=self.step,
@@ -93,6 +101,7 @@ class StepReport:
             stop_signal=signal.Signals(max(received)).name if received else None,
             save_failed=save_failed > 0,
             response_tokens=round(values[-1]) if self.has_tokens else None,
+            busy_s=tuple(busy),
         )
 
 

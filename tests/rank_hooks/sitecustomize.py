@@ -122,8 +122,14 @@ if _syncs:
     from trainer.step_report import StepReport
 
     _prefix_syncs, _first, _last = _syncs.rsplit(":", 2)
-    _window = {"open": False, "seen": []}
+    _window = {"open": False, "seen": [], "opened": []}
     _main_thread = threading.main_thread()
+
+    def _audit(event: str, args: tuple) -> None:  # files the training thread opens in the window
+        if event == "open" and _window["open"] and threading.current_thread() is _main_thread:
+            _window["opened"].append(str(args[0]))
+
+    sys.addaudithook(_audit)
 
     def _where() -> str:
         frames = [f for f in traceback.extract_stack()[:-2] if "sitecustomize" not in f.filename]
@@ -149,7 +155,8 @@ if _syncs:
             _window["open"] = True
         elif step == int(_last) + 1 and _window["open"]:
             _window["open"] = False
-            record = {"first": int(_first), "last": int(_last), "conversions": _window["seen"]}
+            record = {"first": int(_first), "last": int(_last), "conversions": _window["seen"],
+                      "opened": _window["opened"]}  # fmt: skip
             Path(f"{_prefix_syncs}.rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))
         return _step_before_syncs(ctx, batches, step, batch_index)
 

@@ -232,7 +232,8 @@ def cancel_driver(tracked: Tracked) -> None:
 def gauntlet_driver(tracked: Tracked) -> None:
     """Node 2 is drained while the third allocation runs, so that the fourth comes back on node 1 alone; it
     is resumed once the job has ended (and by the fixture, whatever happens)."""
-    if tracked.notes.get("restarts") == "2" and "drained" not in tracked.notes:
+    running = tracked.states and tracked.states[-1] == "RUNNING"
+    if tracked.notes.get("restarts") == "2" and running and "drained" not in tracked.notes:
         run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=llm-training test: 2 -> 1 node"])
         tracked.notes["drained"] = time.monotonic()
     if tracked.states and tracked.states[-1] in TERMINAL_JOB_STATES and "drained" in tracked.notes:

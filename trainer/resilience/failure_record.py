@@ -28,6 +28,15 @@ def record_failure(run_dir: Path, rank: int, error: str) -> None:
         pass
 
 
+def this_attempts_failure(run_dir: Path, rank: int) -> str | None:
+    """The error rank `rank` recorded in this attempt (a one-rank run has no heartbeat to carry it)."""
+    try:
+        record = json.loads((run_dir / FOLDER / f"rank{rank:05d}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("error") if record.get("attempt") == (current_attempt() or "local") else None
+
+
 def first_failure(run_dir: Path, job_id: str | None) -> dict[str, Any] | None:
     """The earliest failure recorded by any attempt of job `job_id` (of local runs when None)."""
     records = []

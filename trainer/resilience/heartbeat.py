@@ -56,6 +56,7 @@ class Heartbeat:
         """Whether it failed because another rank did (a collective broke): then it is never the cause."""
         self._host, self._pid, self._attempt = socket.gethostname(), os.getpid(), current_attempt()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by enter(urgent=True): write now
         self._writing = threading.Lock()  # the thread and `beat` share the temporary file
         self._thread: threading.Thread | None = None
         if world_size > 1:
@@ -64,11 +65,14 @@ class Heartbeat:
             self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
             self._thread.start()
 
-    def enter(self, phase: str, step: int | None = None) -> None:
-        """This rank is now in `phase` (of `step`, if given)."""
+    def enter(self, phase: str, step: int | None = None, urgent: bool = False) -> None:
+        """This rank is now in `phase` (of `step`, if given); `urgent`: the background thread writes it now,
+        not at its next interval (a phase in which ranks die, for the cause to name it)."""
         self.phase, self.since = phase, time.time()
         if step is not None:
             self.step = step
+        if urgent:
+            self._wake.set()
 
     def step_busy(self, step: int, seconds: float) -> None:
         """Record step `step`'s busy time; the next beat writes the last BUSY_STEPS of them."""
@@ -78,6 +82,7 @@ class Heartbeat:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=2 * self.interval_s)
             self._thread = None
@@ -85,7 +90,11 @@ class Heartbeat:
             self._write({"exited": True, **failure})
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             try:
                 self._beat()
             except OSError as error:  # a full or vanished run folder must not kill training

@@ -37,6 +37,7 @@ from pathlib import Path
 from types import FrameType
 
 from trainer.errors import PEER_FAILED_EXIT, UserError
+from trainer.resilience.failure_record import this_attempts_failure
 from trainer.resilience.heartbeat import first_stopped, read_heartbeat, record_exit
 from trainer.resilience.requeue import STOP_SIGNALS, cancelled, decided, decision, record_decision, requeue
 
@@ -157,8 +158,8 @@ def diagnose(run_dir: Path, rank: int, code: int) -> str:
         if record
         else f" on {socket.gethostname()} (no heartbeat)"
     )
-    error = f": {record['error']}" if record and record.get("error") else ""
-    return f"rank {rank} {describe_exit(code)}{where}{error}"
+    error = (record or {}).get("error") or this_attempts_failure(run_dir, rank)
+    return f"rank {rank} {describe_exit(code)}{where}" + (f": {error}" if error else "")
 
 
 def decide(run_dir: Path, rank: int, code: int, max_requeues: int) -> str | None:
