@@ -200,3 +200,7 @@ def test_time_lost_is_charged_to_the_fault_that_ended_each_attempt(tmp_path):
     assert "per fault: rank killed (SIGKILL) x1 0m22s, disk full x1 0m20s, preempted (SIGTERM) x1 0m09s" in (
         format_goodput(summarize(tmp_path))
     )
+    # An attempt killed during start-up, before it wrote its record: its fault still counts, with the start-up
+    # of the attempt that followed.
+    (tmp_path / LEDGER_DIR / "attempt-0.json").unlink()
+    assert summarize(tmp_path)["faults"]["preempted (SIGTERM)"] == {"count": 1, "lost_s": 7}

@@ -36,33 +36,32 @@ def fault_kind(event: dict[str, Any]) -> str:
     return "failure" if reason == "failure" else reason or "unknown"
 
 
-def _event_of(attempt: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The requeue that ended `attempt`: same job, same allocation (the restart count it was recorded in;
-    older records without one: the job's events in order)."""
-    job_id, restarts = attempt.get("job_id"), attempt.get("restart_count")
-    if job_id is None or restarts is None:
-        return None
-    of_job = [e for e in events if str(e.get("job_id")) == str(job_id)]
-    for event in of_job:
-        if event.get("restart_count") == restarts:
-            return event
-    unnumbered = [e for e in of_job if "restart_count" not in e]
-    return unnumbered[restarts] if restarts < len(unnumbered) else None
+def _restart_of(event: dict[str, Any], events: list[dict[str, Any]]) -> int:
+    """The allocation (restart count) an event ended; older records without one: its place among its job's."""
+    if isinstance(event.get("restart_count"), int):
+        return event["restart_count"]
+    of_job = [e for e in events if str(e.get("job_id")) == str(event.get("job_id"))]
+    return of_job.index(event)
 
 
 def cost_by_fault(
     attempts: list[dict[str, Any]], redone: list[float], events: list[dict[str, Any]]
 ) -> dict[str, dict[str, float]]:
-    """{kind: {"count": faults, "lost_s": seconds}} over a run's attempts (sorted by start; `redone[i]`: the
-    productive seconds of attempt i that a later attempt did again)."""
+    """{kind: {"count": faults, "lost_s": seconds}} over a run's requeues (`attempts` sorted by start;
+    `redone[i]`: the productive seconds of attempt i that a later attempt did again). An attempt killed before
+    it wrote its goodput record (a kill during start-up) costs what its successor's start-up shows."""
+    by_allocation = {
+        (str(a.get("job_id")), a.get("restart_count")): (a, r) for a, r in zip(attempts, redone, strict=True)
+    }
     costs: dict[str, dict[str, float]] = {}
-    for i, attempt in enumerate(attempts):
-        event = _event_of(attempt, events)
-        if event is None:
-            continue
-        lost = redone[i] + attempt["seconds"]["shutdown"]
-        if i + 1 < len(attempts):
-            lost += attempts[i + 1]["seconds"]["startup"]
+    for event in events:
+        job, restart = str(event.get("job_id")), _restart_of(event, events)
+        lost = 0.0
+        if (job, restart) in by_allocation:
+            ended, wasted = by_allocation[(job, restart)]
+            lost += wasted + ended["seconds"]["shutdown"]
+        if (job, restart + 1) in by_allocation:
+            lost += by_allocation[(job, restart + 1)][0]["seconds"]["startup"]
         entry = costs.setdefault(fault_kind(event), {"count": 0, "lost_s": 0.0})
         entry["count"] += 1
         entry["lost_s"] += lost
