@@ -499,7 +499,9 @@ def test_rank_killed_by_sigabrt_requeues_the_job_which_resumes_exactly(runs):
 def test_every_fault_costs_one_requeue_is_named_and_the_run_ends_as_if_uninterrupted(runs):
     """The gauntlet job: 4 allocations for 3 faults (the retried read costs none), each recorded with its cause;
     every step done, with the uninterrupted 2-node run's losses bitwise while the world size is 2 and within
-    the one-node tolerance on the last allocation's single node; `status` names the time each kind cost."""
+    the one-node tolerance on the last allocation's single node; `status` names the time each kind cost.
+    Over 60 s: the job starts once the module's other jobs have ended and goes through 4 allocations (each
+    requeue waits for the test cluster's credential expiry); the module runs beside the CPU-bound tests."""
     runs.gauntlet_thread.join(timeout=WATCH_S)
     assert "gauntlet" in runs.watcher.jobs, "the gauntlet job was not submitted (see the output above)"
     tracked = assert_completed(runs, "gauntlet", restarts="3")
