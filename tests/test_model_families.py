@@ -294,3 +294,49 @@ def test_the_llama_3_2_presets_are_the_published_configs(size, published):
             "num_key_value_heads", *published]  # fmt: skip
     assert {k: getattr(ours, k) for k in keys} == {k: getattr(reference, k) for k in keys}
     assert torch.equal(LlamaRotaryEmbedding(ours).inv_freq, LlamaRotaryEmbedding(reference).inv_freq)
+
+
+def _own_code_folder(out: Path, vocab_size: int) -> Path:
+    """A 2-layer GPT-2 subclass as a folder with its own code (auto_map), as a new user would write one."""
+    out.mkdir()
+    (out / "configuration_tinygpt.py").write_text(
+        "from transformers import GPT2Config\n\n\nclass TinyGPTConfig(GPT2Config):\n    model_type = 'tinygpt'\n"
+    )
+    (out / "modeling_tinygpt.py").write_text(
+        "from transformers import GPT2LMHeadModel\n\nfrom .configuration_tinygpt import TinyGPTConfig\n\n\n"
+        "class TinyGPTForCausalLM(GPT2LMHeadModel):\n    config_class = TinyGPTConfig\n"
+    )
+    auto_map = {"AutoConfig": "configuration_tinygpt.TinyGPTConfig",
+                "AutoModelForCausalLM": "modeling_tinygpt.TinyGPTForCausalLM"}  # fmt: skip
+    config = {"model_type": "tinygpt", "architectures": ["TinyGPTForCausalLM"], "n_layer": 2, "n_embd": 64,
+              "n_head": 4, "n_positions": 128, "vocab_size": vocab_size, "auto_map": auto_map}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_a_model_with_its_own_code_trains_on_two_ranks_and_loads_with_the_flag(
+    backend, demo_dataset, tmp_path, capsys
+):
+    """model.trust_remote_code=true: every rank imports the folder's code (rank 1 used to fail to unpickle rank
+    0's config class); the checkpoint keeps the code, so eval and export load it with --trust-remote-code and
+    the exported folder loads in transformers."""
+    folder = _own_code_folder(tmp_path / "custom", 512)
+    run_dir = tmp_path / "run"
+    overrides = ["model.arch=hf", "model.size=null", f"model.hf_config={folder}", "model.trust_remote_code=true",
+                 f"parallel.backend={backend}", "train.max_steps=2", "train.global_batch_size=8", "train.micro_batch_size=4"]  # fmt: skip
+    records = train(run_dir, demo_dataset.path, nproc=2, overrides=overrides)
+    assert records[-1]["event"] == "done" and records[0]["world_size"] == 2
+    step = newest_valid_step(run_dir / "checkpoints").step_dir
+    assert sorted(p.name for p in (step / "model_code").iterdir()) == [
+        "configuration_tinygpt.py",
+        "modeling_tinygpt.py",
+    ]
+    capsys.readouterr()
+    assert cli_main(["eval", str(run_dir), "--batches", "1", "--trust-remote-code"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2  # DeepSpeed prints first
+    if backend == "fsdp":  # the export path is the same for both
+        out = tmp_path / "hf"
+        assert cli_main(["export", str(run_dir), "--out", str(out), "--trust-remote-code"]) == 0
+        model = load_pretrained(out, trust_remote_code=True)
+        assert type(model).__name__ == "TinyGPTForCausalLM"

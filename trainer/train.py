@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from trainer.checkpoint import CheckpointManager, ResumePoint
+from trainer.checkpoint.step_contents import model_code_files
 from trainer.config import Config, batch_plan, write_config
 from trainer.data.loader import DatasetInfo, build_loader, read_dataset_info
 from trainer.distributed import DistEnv
@@ -81,6 +82,7 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     source = model_source(recipe, env)  # the full model on rank 0 only; the others build empty shards
     facts = model_facts(source.meta(), info.seq_len, config.model.arch)
     checkpoints.model_config = source.hf_config.to_json_string()
+    checkpoints.model_code = model_code_files(source.hf_config)
     log.info(
         "model: %s, %.2fM parameters, %.3g GFLOPs per token",
         config.model.family_name, facts.n_params / 1e6, facts.flops_per_token() / 1e9,

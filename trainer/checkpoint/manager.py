@@ -6,6 +6,7 @@
         train_state.json         step, tokens, data-loader position, world size
         config.yaml              the resolved config
         model_config.json        the model's architecture (its transformers config), read by export and init_from
+        model_code/*.py          the model's own code, when it has some (an auto_map)
         manifest.json            written last, by rank 0, once every rank's files are durable
     RUN_DIR/checkpoints/latest   the newest complete step, replaced atomically
     RUN_DIR/checkpoints/run_id   which run writes here (each manifest names its run too)
@@ -45,6 +46,7 @@ from trainer.checkpoint.resume import RunCheckpoints
 from trainer.checkpoint.retention import retain
 from trainer.checkpoint.rng import load_rng_file, rng_state, set_rng_state
 from trainer.checkpoint.step_contents import (
+    MODEL_CODE,
     MODEL_CONFIG,
     IncompleteReportError,
     backend_files,
@@ -70,6 +72,8 @@ class CheckpointManager:
     def __init__(self, config: Config, env: DistEnv) -> None:
         self.config = config
         self.model_config: str | None = None
+        self.model_code: dict[str, str] = {}
+        """The model's own Python files (step_contents.model_code_files), saved with every step."""
         """The model's `transformers` config as JSON (set once the model is known), saved in every step."""
         self.env = env
         self.root = Path(config.run.dir) / "checkpoints"
@@ -196,6 +200,10 @@ class CheckpointManager:
                 if self.model_config is not None:
                     atomic_write_text(step_dir / MODEL_CONFIG, self.model_config)
                     written.append(MODEL_CONFIG)
+                for name, text in self.model_code.items():
+                    (step_dir / MODEL_CODE).mkdir(exist_ok=True)
+                    atomic_write_text(step_dir / MODEL_CODE / name, text)
+                    written.append(f"{MODEL_CODE}/{name}")
         except (Exception, CheckpointException) as error:  # torch.save reports a full disk as RuntimeError
             failure = error
         self._agree(step, step_dir, failure)

@@ -12,6 +12,27 @@ from trainer.checkpoint.dcp_read import METADATA, data_files, read_metadata
 
 MODEL_CONFIG = "model_config.json"
 """The model's `transformers` config, read by export and model.init_from."""
+MODEL_CODE = "model_code"
+"""The model's own Python files (a config with an `auto_map`), so that a checkpoint loads without its source
+folder; they run only when the loading command trusts them."""
+
+
+def model_code_files(hf_config: Any) -> dict[str, str]:
+    """{file name: text} of the model's own code: the Python files of the package its config class was
+    imported from by `trust_remote_code` (transformers' dynamic modules); {} for a model transformers ships."""
+    import sys
+
+    if not getattr(hf_config, "auto_map", None):
+        return {}
+    module = sys.modules.get(type(hf_config).__module__)
+    if (
+        module is None
+        or not getattr(module, "__file__", None)
+        or not module.__name__.startswith("transformers_modules.")
+    ):
+        return {}
+    folder = Path(module.__file__).parent
+    return {path.name: path.read_text() for path in sorted(folder.glob("*.py")) if path.name != "__init__.py"}
 
 
 class IncompleteReportError(RuntimeError):

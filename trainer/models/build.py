@@ -143,6 +143,20 @@ class ModelRecipe:
     def full(self) -> PreTrainedModel:
         return build_model(self.cfg, self.vocab_size, self.seq_len, self.attn, self.seed, self.init_from)
 
+    def import_model_code(self) -> None:
+        """Import the model's own code (an `auto_map` of model.hf_config's or init_from's folder, with
+        model.trust_remote_code=true) in this process, as building the model does on rank 0: the other ranks
+        then know its classes when rank 0's config reaches them."""
+        if not self.cfg.trust_remote_code:
+            return
+        for key, source in (
+            ("model.hf_config", self.cfg.hf_config),
+            ("model.init_from", self.init_from or self.cfg.init_from),
+        ):
+            folder = Path(source).expanduser() if source else None
+            if folder is not None and is_hf_folder(folder):
+                load_hf_config(str(folder), True, key)
+
     def empty(self, hf_config: Any) -> PreTrainedModel:
         return empty_model(hf_config, self.cfg, self.attn)
 

@@ -18,6 +18,7 @@ from transformers import (
 
 from trainer.checkpoint import MODEL_CONFIG, newest_valid_step, verify_step
 from trainer.checkpoint.dcp_read import load_model_state
+from trainer.checkpoint.step_contents import MODEL_CODE
 from trainer.config import Config, ModelConfig, load_config, model_shape
 from trainer.errors import UserError
 from trainer.models.families import FAMILIES, set_dropout
@@ -130,10 +131,29 @@ def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[s
     saved = step_dir / MODEL_CONFIG
     if saved.is_file():
         values = json.loads(saved.read_text())
+        if values.get("auto_map"):  # allowed by the caller (refuse_untrusted_code): from the step's copy
+            return _own_code_config(step_dir, values)
         return AutoConfig.for_model(values.pop("model_type"), **values)
     vocab_size, _ = state["transformer.wte.weight"].shape
     seq_len = state["transformer.wpe.weight"].shape[0]
     return FAMILIES["gpt2"].make_config(model_config, model_shape(model_config), vocab_size, seq_len)
+
+
+def _own_code_config(step_dir: Path, values: dict[str, Any]) -> Any:
+    """The config of a model with its own code, from the code saved in the step folder (model_code/)."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    code = step_dir / MODEL_CODE
+    if not code.is_dir():
+        raise UserError(
+            f"checkpoint '{step_dir}' holds a model with its own code (auto_map) but not the code "
+            f"({MODEL_CODE}/ is missing: it was written before checkpoints kept it); export from the source folder"
+        )
+    config_class = get_class_from_dynamic_module(values["auto_map"]["AutoConfig"], str(code))
+    values.pop("model_type", None)
+    config = config_class(**values)
+    config._name_or_path = str(code)  # where from_config finds the model's class
+    return config
 
 
 def load_any(path: str | Path, trust_remote_code: bool = False) -> LoadedModel:

@@ -83,6 +83,8 @@ def model_source(recipe: ModelRecipe, env: DistEnv) -> ModelSource:
     instead of waiting on rank 0 in the next collective.
     """
     full, payload = None, None
+    if env.rank != 0:
+        recipe.import_model_code()  # rank 0's config may be of a class from the model's own code
     if env.rank == 0:
         try:
             full = recipe.full()
