@@ -79,11 +79,18 @@ def empty_model(hf_config: Any, cfg: ModelConfig, attn: str) -> PreTrainedModel:
     """The modules of a model of shape `hf_config` (the full model's `config`), with the run's settings but
     meaningless weights: built under the caller's device context (`torch.device("meta")`, DeepSpeed's
     `zero.Init`), for a backend to shard and then fill with the full model's weights from rank 0. The config
-    is copied: on rank 0 it is the full model's own, which the build must not change."""
+    is copied: on rank 0 it is the full model's own, which the build must not change.
+
+    The family's weight init is skipped (`no_init_weights`): the weights come from rank 0, and under zero.Init
+    the parameters are already partitioned, empty on most ranks, where an init that writes one row (the zeroed
+    padding embedding of OLMo-2, Gemma, ...) fails with an index out of bounds."""
+    from transformers.modeling_utils import no_init_weights
+
     config = copy.deepcopy(hf_config)
-    model = AutoModelForCausalLM.from_config(
-        config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
     return _training_ready(model, cfg)
 
 
