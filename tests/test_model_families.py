@@ -363,3 +363,24 @@ def test_decoders_with_a_padding_row_or_experts_start_train_and_save_under_zero3
     records = train(tmp_path / "run", demo_dataset.path, nproc=2, overrides=overrides)
     assert records[-1]["event"] == "done" and all(math.isfinite(r["loss"]) for r in records if "loss" in r)
     assert newest_valid_step(tmp_path / "run" / "checkpoints").step == 2
+
+
+def test_flops_per_token_of_a_moe_count_the_experts_a_token_uses():
+    """Qwen2-MoE with 8 experts, 2 per token: the estimate (forward: a third of flops_per_token) against
+    torch's FLOP counter over a real forward pass, which runs only the chosen experts. Counting every expert
+    overstated MFU and `plan` by experts/top-k."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen2_moe", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    tokens = torch.randint(0, 512, (4, 64))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(input_ids=tokens)
+    measured = counter.get_total_flops() / tokens.numel()
+    estimate = model_facts(model, 64, "hf").flops_per_token() / 3
+    assert abs(estimate / measured - 1) < 0.10, (estimate, measured)

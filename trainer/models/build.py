@@ -205,7 +205,14 @@ def model_facts(model: nn.Module, seq_len: int, arch: str) -> ModelFacts:
     """Counted on the model itself (the meta model costs no memory), so any family's numbers are its own."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     params = {id(p): p for p in model.parameters()}
-    matmul = sum(p.numel() for key, p in params.items() if p.dim() == 2 and key not in embeddings)
+    active = _expert_share(model)  # a token goes through top-k of a MoE layer's experts, not all of them
+    matmul = round(
+        sum(
+            p.numel() * active.get(key, 1.0)
+            for key, p in params.items()
+            if (p.dim() == 2 or key in active) and key not in embeddings
+        )
+    )
     output = model.get_output_embeddings().weight
     if id(output) in embeddings:  # tied: the input embedding's weights also do the output product
         matmul += output.numel()
@@ -220,6 +227,26 @@ def model_facts(model: nn.Module, seq_len: int, arch: str) -> ModelFacts:
         seq_len=seq_len,
         vocab_size=cfg.vocab_size,
     )
+
+
+EXPERTS_PER_TOKEN = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "top_k")
+EXPERT_COUNT = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _expert_share(model: nn.Module) -> dict[int, float]:
+    """{id(parameter): top-k / experts} for the parameters of a MoE model's routed experts (modules named
+    `experts`: a list of expert MLPs, or fused 3-D weights), which each token uses k of; {} for a dense model."""
+    cfg = model.config
+    top_k = next((getattr(cfg, name) for name in EXPERTS_PER_TOKEN if getattr(cfg, name, None)), None)
+    experts = next((getattr(cfg, name) for name in EXPERT_COUNT if getattr(cfg, name, None)), None)
+    if not top_k or not experts:
+        return {}
+    return {
+        id(param): top_k / experts
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "experts"
+        for param in module.parameters()
+    }
 
 
 def compile_blocks(model: nn.Module) -> None:
