@@ -290,7 +290,8 @@ class CheckpointManager:
     def _fail_if(self, step: int, step_dir: Path, problems: list[str], failure: BaseException | None) -> None:
         if not problems:
             return
-        previous = self.run.newest_own()  # on every rank: whichever rank's message is shown names it
+        # On every rank (whichever rank's message is shown names it), by manifest and sizes: no checksums.
+        previous = self.run.newest_own(checksums=False)
         error = write_error(step, step_dir, problems, previous.step_dir.name if previous else None)
         if self.env.is_main:
             shutil.rmtree(step_dir, ignore_errors=True)

@@ -92,11 +92,24 @@ class RunCheckpoints:
         return next((found for found in problems if found is not None), None)
 
     def newest_complete(self) -> ResumePoint | None:
-        """The newest verified checkpoint of this run (a rollback's target), the same on every rank."""
-        choice: list[Any] = [self.newest_own() if self.env.is_main else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
+        """The newest verified checkpoint of this run (a rollback's target), the same on every rank: rank 0
+        picks it by manifest and sizes, and every rank checksums a share of its files, as for a resume (rank 0
+        alone reading a whole checkpoint while the others wait in a collective timed out at scale)."""
+        failed: dict[Path, str] = {}
+        while True:
+            choice: list[Any] = [None]
+            if self.env.is_main:
+                choice = [newest_valid_step(self.root, self.run_id, config_hash(self.config), False, failed)]
+            if dist.is_initialized():
+                dist.broadcast_object_list(choice, src=0)
+            point = choice[0]
+            if point is None:
+                return None
+            problem = self._checksum_together(point)
+            if problem is None:
+                return point
+            log.warning("skipping checkpoint %s: %s", point.step_dir, problem)
+            failed[point.step_dir] = problem
 
     def _choose(self, setting: str, failed: dict[Path, str]) -> ResumePoint | str | None:
         """auto: this run's newest; a folder of another run: that, until this run has checkpoints of its own
@@ -143,8 +156,8 @@ class RunCheckpoints:
             return f"checkpoint.resume='{setting}' is not a complete checkpoint: {problem}"
         return ResumePoint(folder, manifest)
 
-    def newest_own(self) -> ResumePoint | None:
-        return newest_valid_step(self.root, self.run_id, config_hash(self.config))
+    def newest_own(self, checksums: bool = True) -> ResumePoint | None:
+        return newest_valid_step(self.root, self.run_id, config_hash(self.config), checksums)
 
     def belongs(self, manifest: dict[str, Any]) -> bool:
         return belongs_to_run(manifest, self.run_id, config_hash(self.config))

@@ -91,6 +91,7 @@ def empty_model(hf_config: Any, cfg: ModelConfig, attn: str) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(
             config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
         )
+    model.tie_weights()  # done by the weight init that no_init_weights skips
     return _training_ready(model, cfg)
 
 
