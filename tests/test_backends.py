@@ -46,7 +46,7 @@ def ckpt(run_dir: Path, step: int) -> Path:
 
 
 CONVERSION_TIMEOUT_S = 12  # parallel.timeout_s of the run that waits for the slowed conversion
-SLOW_CONVERSION_S = 24  # well over CONVERSION_TIMEOUT_S: rank 1 must wait past its collective timeout
+SLOW_CONVERSION_S = 18  # 1.5 x CONVERSION_TIMEOUT_S: rank 1 must wait past its collective timeout
 
 
 def loss_steps(records: list[dict]) -> list[int]:

@@ -36,21 +36,28 @@ def _resume_from_step_3(straight: Path, run_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def sharded_runs(demo_dataset, tmp_path_factory) -> dict[str, Path]:
-    """full and node on 4 processes as 2 x 2; then from their step-3 checkpoints: node -> full on 2 processes,
-    full -> node, node -> node (unchanged, bitwise)."""
+    """full and node on 4 processes as 2 x 2 (node with its ranks numbered round robin, as srun
+    --distribution=cyclic does: 0 2 | 1 3); then from their step-3 checkpoints: node -> full on 2 processes,
+    full -> node (numbered node by node), node -> node (unchanged, bitwise)."""
     root = tmp_path_factory.mktemp("hybrid")
     data = demo_dataset.path
-    for shard in ("full", "node"):
-        train(root / shard, data, nproc=4, nodes=2, overrides=[*STEPS, f"parallel.shard={shard}"])
-    cyclic = [*STEPS, "parallel.shard=node", "train.max_steps=3"]  # srun --distribution=cyclic: 0 2 | 1 3
-    train(root / "node-cyclic", data, nproc=4, nodes=2, overrides=cyclic, distribution="cyclic")
+    train(root / "full", data, nproc=4, nodes=2, overrides=[*STEPS, "parallel.shard=full"])
+    train(
+        root / "node",
+        data,
+        nproc=4,
+        nodes=2,
+        overrides=[*STEPS, "parallel.shard=node"],
+        distribution="cyclic",
+    )
     deepspeed = [*STEPS, "parallel.shard=node", "parallel.backend=deepspeed"]
     train(root / "deepspeed-node", data, nproc=4, nodes=2, overrides=deepspeed)
-    resumes = {"node-to-full": ("node", "full", 2, 1), "full-to-node": ("full", "node", 4, 2),
-               "node-to-node": ("node", "node", 4, 2)}  # fmt: skip
-    for name, (source, shard, nproc, nodes) in resumes.items():
+    resumes = {"node-to-full": ("node", "full", 2, 1, "block"), "full-to-node": ("full", "node", 4, 2, "block"),
+               "node-to-node": ("node", "node", 4, 2, "cyclic")}  # fmt: skip
+    for name, (source, shard, nproc, nodes, numbering) in resumes.items():
         run_dir = _resume_from_step_3(root / source, root / name)
-        train(run_dir, data, nproc=nproc, nodes=nodes, overrides=[*STEPS, f"parallel.shard={shard}"])
+        overrides = [*STEPS, f"parallel.shard={shard}"]
+        train(run_dir, data, nproc=nproc, nodes=nodes, overrides=overrides, distribution=numbering)
     return {path.name: path for path in root.iterdir()}
 
 
@@ -69,13 +76,14 @@ def test_node_sharding_trains_like_full_sharding(sharded_runs):
 
 def test_shard_groups_follow_the_nodes_when_ranks_are_numbered_round_robin(sharded_runs):
     """With ranks 0 and 2 on one node and 1 and 3 on the other, groups of consecutive ranks would span both
-    nodes: the groups come from each rank's node, and training is that of the node-by-node layout."""
-    run = sharded_runs["node-cyclic"]
+    nodes: the groups come from each rank's node, and training is that of the node-by-node layout (the
+    full-to-node resume numbers them node by node and matches it)."""
+    run = sharded_runs["node"]
     assert (
         "ranks are not numbered node by node: shard groups [[0, 2], [1, 3]]"
         in (run / "logs" / "rank0.log").read_text()
     )
-    _close(by_step(read_metrics(run)), by_step(read_metrics(sharded_runs["node"])), range(1, 4))
+    _close(by_step(read_metrics(run)), by_step(read_metrics(sharded_runs["full-to-node"])), range(4, 7))
 
 
 def test_deepspeed_refuses_groups_that_would_span_nodes():
