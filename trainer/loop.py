@@ -73,7 +73,6 @@ def train_step(
             loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
     busy_s = time.perf_counter() - started
-    ctx.heartbeat.step_busy(step, busy_s)
     ctx.checkpoints.before_update()
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +63,17 @@ class RunCheckpoints:
         ranks, instead of rank 0 reading all of it while the others wait.
         """
         setting = self.config.checkpoint.resume
+        return self._agreed(lambda failed: self._choose(setting, failed))
+
+    def _agreed(self, pick: Callable[[dict[Path, str]], ResumePoint | str | None]) -> ResumePoint | None:
+        """Rank 0's `pick(failed)` (a step, None, or a problem to raise), the same on every rank (with the run
+        id), checksummed by every rank a share each; a file that does not match sends rank 0 on to its next
+        pick, with a warning."""
         failed: dict[Path, str] = {}
         while True:
             choice: list[Any] = [None, None]
             if self.env.is_main:
-                choice = [self._choose(setting, failed), self.run_id]
+                choice = [pick(failed), self.run_id]
             if dist.is_initialized():
                 dist.broadcast_object_list(choice, src=0)
             self._run_id, point = choice[1], choice[0]
@@ -95,21 +102,9 @@ class RunCheckpoints:
         """The newest verified checkpoint of this run (a rollback's target), the same on every rank: rank 0
         picks it by manifest and sizes, and every rank checksums a share of its files, as for a resume (rank 0
         alone reading a whole checkpoint while the others wait in a collective timed out at scale)."""
-        failed: dict[Path, str] = {}
-        while True:
-            choice: list[Any] = [None]
-            if self.env.is_main:
-                choice = [newest_valid_step(self.root, self.run_id, config_hash(self.config), False, failed)]
-            if dist.is_initialized():
-                dist.broadcast_object_list(choice, src=0)
-            point = choice[0]
-            if point is None:
-                return None
-            problem = self._checksum_together(point)
-            if problem is None:
-                return point
-            log.warning("skipping checkpoint %s: %s", point.step_dir, problem)
-            failed[point.step_dir] = problem
+        return self._agreed(
+            lambda failed: newest_valid_step(self.root, self.run_id, config_hash(self.config), False, failed)
+        )
 
     def _choose(self, setting: str, failed: dict[Path, str]) -> ResumePoint | str | None:
         """auto: this run's newest; a folder of another run: that, until this run has checkpoints of its own

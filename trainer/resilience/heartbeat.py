@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 
 FOLDER = "heartbeats"
 STALE_INTERVALS = 2.5  # a heartbeat older than this many intervals means the rank is gone
-BUSY_STEPS = 20  # the steps whose busy time a heartbeat carries
 
 
 def current_attempt() -> str | None:
@@ -47,9 +46,6 @@ class Heartbeat:
         self.folder = run_dir / FOLDER
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self.phase, self.step, self.since = "start-up", 0, time.time()
-        self.busy: dict[int, float] = {}
-        """Seconds of the last steps this rank spent before its first collective of the optimizer step (data,
-        forward, backward): what a slow rank makes the others wait for (trainer/resilience/stragglers.py)."""
         self.failure: str | None = None
         """Why this rank's training failed, in one line; its last record carries it (`close`)."""
         self.peer_failed = False
@@ -57,7 +53,7 @@ class Heartbeat:
         self._host, self._pid, self._attempt = socket.gethostname(), os.getpid(), current_attempt()
         self._stop = threading.Event()
         self._wake = threading.Event()  # set by enter(urgent=True): write now
-        self._writing = threading.Lock()  # the thread and `beat` share the temporary file
+        self._writing = threading.Lock()  # the thread and close() share the temporary file
         self._thread: threading.Thread | None = None
         if world_size > 1:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -73,12 +69,6 @@ class Heartbeat:
             self.step = step
         if urgent:
             self._wake.set()
-
-    def step_busy(self, step: int, seconds: float) -> None:
-        """Record step `step`'s busy time; the next beat writes the last BUSY_STEPS of them."""
-        self.busy[step] = round(seconds, 4)
-        for old in [s for s in self.busy if s <= step - BUSY_STEPS]:
-            del self.busy[old]
 
     def close(self) -> None:
         self._stop.set()
@@ -100,15 +90,6 @@ class Heartbeat:
             except OSError as error:  # a full or vanished run folder must not kill training
                 log.debug("heartbeat not written: %s", error)
 
-    def beat(self) -> None:
-        """Write the heartbeat now (also done every interval by the thread); a failed write is only logged."""
-        if self._thread is None:
-            return
-        try:
-            self._beat()
-        except OSError as error:
-            log.debug("heartbeat not written: %s", error)
-
     def _beat(self) -> None:
         self._write({})
 
@@ -123,7 +104,6 @@ class Heartbeat:
             "host": self._host,
             "attempt": self._attempt,
             "interval_s": self.interval_s,
-            "busy_s": {str(step): seconds for step, seconds in list(self.busy.items())},
             **extra,
         }
         path = self.folder / f"rank{self.rank:05d}.json"
