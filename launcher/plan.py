@@ -9,11 +9,15 @@ Model states per GPU, sharded over a group of S ranks (`parallel.shard`), P para
   16 P / world; hybrid (hpZ) adds a secondary copy of the 16-bit weights over each group: 2 P / S.
 Temporary buffers: the gathered weights of the largest block (twice: the next one is prefetched) in the compute
 dtype and its fp32 gradients for the reduce-scatter, plus the embedding/output layer gathered on the root.
-Activations per micro batch of b sequences of s tokens, per layer, in 16-bit: s b (16 h + 4.5 f) bytes (h the
-width, f the MLP width; Korthikanti et al. 2022 count 34 s b h for GPT's 4h MLP, with flash attention), twice
-that in fp32; with activation checkpointing only each layer's input (2 s b h) plus one layer being recomputed;
-the logits and their fp32 loss: 12 s b V bytes. GPT-2's unfused tanh GELU keeps about 4.3 f more. With
-checkpointing the loss's memory and a layer's recomputation come one after the other, so the larger counts. Step time is FLOPs per step / (GPUs x peak x MFU).
+Activations per micro batch of b sequences of s tokens, per layer, in 16-bit (LAYER_BYTES: measured with
+saved-tensor hooks on a real layer, tests/test_plan.py): s b (12 h + 4 k + MLP) bytes, h the width, k the key/value
+width; RMSNorm, which transformers computes in fp32, adds 8.2 h; the MLP keeps 8 f for a gated one (SwiGLU), 4 f
+for a fused activation, 2 f for ReLU and 10 f for GPT-2's unfused tanh GELU (f the MLP width); twice that in fp32.
+With activation checkpointing only each layer's input (2 s b h) plus one layer being recomputed; the logits and
+their fp32 loss: 12 s b V bytes; with checkpointing the loss's memory and a layer's recomputation come one after
+the other, so the larger counts. Packed instruction examples on SDPA or eager attention add their block-causal
+mask, s^2 b bytes (SDPA's bool) or 4 s^2 b (eager's additive); flash-attn takes the boundaries as lengths.
+Step time is FLOPs per step / (GPUs x peak x MFU).
 """
 
 from __future__ import annotations
@@ -41,9 +45,12 @@ GPUS: dict[str, tuple[float, float]] = {
 DEFAULT_MFU = 0.35
 """What a well-tuned dense decoder reaches on H100-class GPUs with FSDP2 and flash attention (torchtitan reports
 0.35-0.45 for Llama 8B); --mfu sets another, e.g. one measured by bench/gpu.py."""
-UNFUSED_ACTIVATIONS = {"gelu_new": 4.3}
-"""MLP activations that transformers computes as several eager ops, each keeping its own f-wide tensor for
-backward (GPT-2's tanh GELU: x^3, the inner sum, tanh...), in 16-bit tensors per MLP width, measured on CPU."""
+MLP_BYTES = {"gated": 8.0, "relu": 2.0, "gelu_new": 10.0, "fused": 4.0}
+"""Bytes per token per MLP width that a layer's MLP keeps for backward in 16-bit: a gated MLP its gate, the
+activation, the up projection and their product; an activation that torch computes in one op its input and
+output; ReLU only its output; GPT-2's tanh GELU, which transformers computes as several eager ops, each of them."""
+RMS_NORM_BYTES = 8.2
+"""Bytes per token per width that two RMSNorms computed in fp32 (transformers' Llama-style norms) add."""
 USABLE = 0.9
 """Share of a GPU's memory a run can use: the CUDA context, the allocator's fragmentation and NCCL take the rest."""
 
@@ -76,8 +83,9 @@ class Plan:
 
 
 def make_plan(config: Config, vocab_size: int, seq_len: int, nodes: int, gpus_per_node: int, gpu: str,
-              mfu: float | None = None) -> Plan:  # fmt: skip
-    """The plan of `config` on `nodes` x `gpus_per_node` GPUs of kind `gpu` (a key of GPUS)."""
+              mfu: float | None = None, packed_examples: bool = False) -> Plan:  # fmt: skip
+    """The plan of `config` on `nodes` x `gpus_per_node` GPUs of kind `gpu` (a key of GPUS); `packed_examples`:
+    the data is instruction examples packed into rows (their attention mask is counted)."""
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu!r} is not one of {', '.join(GPUS)}")
     if nodes < 1 or gpus_per_node < 1:
@@ -95,14 +103,16 @@ def make_plan(config: Config, vocab_size: int, seq_len: int, nodes: int, gpus_pe
     states = model_state_bytes(config, shape, shard, world)
     compute_bytes = 4 if config.train.precision == "fp32" else 2
     states["buffers"] = shape["largest_block"] * (2 * compute_bytes + 4) + shape["embedding"] * compute_bytes
+    mask_bytes = packed_mask_bytes(config.model.attn) if packed_examples else 0
     without, with_ = (
-        activation_bytes(shape, seq_len, batch.micro_batch_size, compute_bytes, ac) for ac in (False, True)
+        activation_bytes(shape, seq_len, batch.micro_batch_size, compute_bytes, ac, mask_bytes)
+        for ac in (False, True)
     )
     activations = with_ if config.model.activation_checkpointing else without
     usable = USABLE * memory_gb * 1e9
     fixed = sum(states.values())
     largest = _largest_micro_batch(shape, seq_len, compute_bytes, config.model.activation_checkpointing,
-                                   usable - fixed, config.train.global_batch_size // world)  # fmt: skip
+                                   usable - fixed, config.train.global_batch_size // world, mask_bytes)  # fmt: skip
     flops_per_step = shape["flops_per_token"] * batch.global_batch_size * seq_len
     step_time = flops_per_step / (world * peak_tflops * 1e12 * mfu)
     plan = Plan(
@@ -141,10 +151,31 @@ def model_shape_facts(config: Config, vocab_size: int, seq_len: int) -> dict[str
         "layers": len(blocks),
         "vocab": hf_config.vocab_size,
         "flops_per_token": facts.flops_per_token(),
-        "extra_mlp_tensors": UNFUSED_ACTIVATIONS.get(
-            getattr(hf_config, "activation_function", None) or "", 0.0
-        ),
+        "kv_width": _kv_width(hf_config, width),
+        "rms_norm": any("RMSNorm" in type(module).__name__ for module in blocks[0].modules()),
+        "mlp_kind": _mlp_kind(blocks[0], hf_config),
     }
+
+
+def _kv_width(hf_config: Any, width: int) -> int:
+    heads = getattr(hf_config, "num_attention_heads", None) or getattr(hf_config, "n_head", 1)
+    head_dim = getattr(hf_config, "head_dim", None) or width // heads
+    return (getattr(hf_config, "num_key_value_heads", None) or heads) * head_dim
+
+
+def _mlp_kind(block: Any, hf_config: Any) -> str:
+    """A key of MLP_BYTES for the block's MLP."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in block.named_modules()}
+    if names & {"gate_proj", "gate_up_proj", "w3"}:
+        return "gated"
+    activation = getattr(hf_config, "activation_function", None) or getattr(hf_config, "hidden_act", "") or ""
+    return activation if activation in MLP_BYTES else "fused"
+
+
+def layer_bytes_per_token(shape: dict[str, Any]) -> float:
+    """What one decoder layer keeps for backward per token in 16-bit (see the module docstring)."""
+    norms = RMS_NORM_BYTES * shape["width"] if shape["rms_norm"] else 0.0
+    return 12 * shape["width"] + 4 * shape["kv_width"] + norms + MLP_BYTES[shape["mlp_kind"]] * shape["mlp"]
 
 
 def model_state_bytes(config: Config, shape: dict[str, Any], shard: int, world: int) -> dict[str, int]:
@@ -166,23 +197,35 @@ def model_state_bytes(config: Config, shape: dict[str, Any], shard: int, world: 
 
 
 def activation_bytes(
-    shape: dict[str, Any], seq_len: int, micro: int, compute_bytes: int, checkpointing: bool
+    shape: dict[str, Any],
+    seq_len: int,
+    micro: int,
+    compute_bytes: int,
+    checkpointing: bool,
+    mask_bytes: int = 0,
 ) -> int:
+    """`mask_bytes`: per token pair of a packed-example attention mask (0 when there is none)."""
     tokens = seq_len * micro
-    mlp = (4.5 + shape["extra_mlp_tensors"]) * shape["mlp"]
-    per_layer = tokens * (16 * shape["width"] + mlp) * compute_bytes / 2
+    per_layer = tokens * layer_bytes_per_token(shape) * compute_bytes / 2
     logits = 12 * tokens * shape["vocab"]
+    mask = mask_bytes * seq_len * tokens
     if checkpointing:  # the layers' inputs, then the loss's or one layer's recomputation, not both at once
-        return int(shape["layers"] * tokens * shape["width"] * compute_bytes + max(per_layer, logits))
-    return int(shape["layers"] * per_layer + logits)
+        return int(shape["layers"] * tokens * shape["width"] * compute_bytes + max(per_layer, logits) + mask)
+    return int(shape["layers"] * per_layer + logits + mask)
+
+
+def packed_mask_bytes(attn: str) -> int:
+    """Bytes per token pair of the mask that keeps packed examples apart: none for flash-attn (lengths), a bool for
+    SDPA, fp32 for eager. `auto` counts SDPA's: whether flash-attn imports on the compute nodes is not known here."""
+    return {"flash_attention_2": 0, "eager": 4}.get(attn, 1)
 
 
 def _largest_micro_batch(shape: dict[str, Any], seq_len: int, compute_bytes: int, checkpointing: bool,
-                         room: float, most: int) -> int | None:  # fmt: skip
+                         room: float, most: int, mask_bytes: int) -> int | None:  # fmt: skip
     """The largest micro batch (up to the global batch per GPU) whose activations fit `room`; None if none."""
     best = None
     for micro in range(1, max(most, 1) + 1):
-        if activation_bytes(shape, seq_len, micro, compute_bytes, checkpointing) > room:
+        if activation_bytes(shape, seq_len, micro, compute_bytes, checkpointing, mask_bytes) > room:
             break
         best = micro
     return best
@@ -228,17 +271,39 @@ def plan_for_config(
 ) -> tuple[Plan, str]:
     """The plan with the vocabulary and context length from the config or its dataset (a note when they had to
     be assumed because the data could not be read here)."""
-    from launcher.doctor.run import DEFAULT_SEQ_LEN, DEFAULT_VOCAB_SIZE, dataset_info
+    from launcher.doctor.run import DEFAULT_SEQ_LEN, assumed_vocab, dataset_info
 
     info = dataset_info(config)
     vocab = config.model.vocab_size or (info.vocab_size if info else None)
     seq_len = config.model.seq_len or (info.seq_len if info else None)
-    note = (
-        ""
-        if vocab and seq_len
-        else f"\nnote         vocab {DEFAULT_VOCAB_SIZE} and seq_len {DEFAULT_SEQ_LEN} assumed: the data did not load here"
-    )
+    assumed = []
+    if not vocab:
+        vocab = assumed_vocab(config)
+        assumed.append(f"vocab {vocab} (the {config.model.arch} family's published tokenizer)")
+    if not seq_len:
+        seq_len = DEFAULT_SEQ_LEN
+        assumed.append(f"seq_len {seq_len}")
+    note = f"\nnote         {' and '.join(assumed)} assumed: the data did not load here" if assumed else ""
+    packed = _prepared_format(config) not in (None, "text")
     plan = make_plan(
-        config, vocab or DEFAULT_VOCAB_SIZE, seq_len or DEFAULT_SEQ_LEN, nodes, gpus_per_node, gpu, mfu
+        config,
+        vocab,
+        seq_len,
+        nodes,
+        gpus_per_node,
+        gpu,
+        mfu,
+        packed,
     )
     return plan, note
+
+
+def _prepared_format(config: Config) -> str | None:
+    """The dataset's `--format` from its prepare.json (None when it cannot be read here)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(config.data.path) / "prepare.json").read_text()).get("format", "text")
+    except (OSError, ValueError):
+        return None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from trainer.data.prepare.stdlib_instructions import stdlib_records
 from trainer.errors import UserError
 from trainer.models.build import build_model
 from trainer.models.load import full_state_dict
-from trainer.parallel.inputs import model_inputs
+from trainer.parallel.inputs import model_inputs, prepare_attention
 
 SEQ_LEN = 128
 BAD_LINES = {
@@ -128,35 +129,88 @@ def test_prompt_tokens_get_no_gradient_and_response_tokens_do(chat_data):
     assert other_loss != loss and any(not torch.equal(a, b) for a, b in zip(grads, other_grads, strict=True))
 
 
+def _varlen_attention(seen: list[dict]):
+    """flash-attn's varlen contract, computed with SDPA on CPU (flash-attn runs only on a GPU): the rows come
+    flattened into one, and each example attends causally within `cu_seq_lens_q` alone."""
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        seen.append({"rows": query.shape[0], **kwargs})
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+        parts = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, enable_gqa=True,
+                scale=kwargs.get("scaling"),
+            )
+            for a, b in pairwise(bounds)
+        ]  # fmt: skip
+        return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+    return attend
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_a_packed_example_is_computed_as_if_alone(arch, chat_data):
+def test_a_packed_example_is_computed_as_if_alone(arch, chat_data, monkeypatch):
+    """Micro batches of 1, 2 and 4 packed rows, on SDPA, eager and flash-attn's varlen path: the example
+    boundaries reach the attention explicitly (a block-causal mask; flattened rows with `cu_seq_lens`), and
+    every example's logits equal those of the example run alone."""
+    from transformers import AttentionInterface
+
     _, data, _ = chat_data
-    batch = _batch(data, micro=1)
-    lengths = [int(n) for n in np.diff(np.flatnonzero(np.r_[batch["position_ids"][0].numpy() == 0, True]))]
-    assert len(lengths) >= 2
+    seen: list[dict] = []
+    monkeypatch.setitem(AttentionInterface._global_mapping, "flash_attention_2", _varlen_attention(seen))
     size = "tiny" if arch == "gpt2" else "llama-tiny"
     config = load_config(
         "tiny", ["run.dir=x", f"data.path={data}", f"model.arch={arch}", f"model.size={size}"]
     ).model
-    model = build_model(config, 512, SEQ_LEN, "sdpa", seed=0).eval()
+    models = {attn: build_model(config, 512, SEQ_LEN, attn, seed=0).eval() for attn in ("sdpa", "eager")}
+    models["flash_attention_2"] = build_model(config, 512, SEQ_LEN, "sdpa", seed=0).eval()
+    models["flash_attention_2"].config._attn_implementation = "flash_attention_2"
+    prepare_attention(models["flash_attention_2"])  # as the training engines do
+    batch = _batch(data, micro=4)
+    starts = [np.flatnonzero(row.numpy() == 0).tolist() + [SEQ_LEN] for row in batch["position_ids"]]
+    assert len(starts[0]) >= 3 and sum(len(row) - 1 for row in starts) >= 6  # rows of several examples
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
-        start = 0
-        for length in lengths:
-            alone = model(input_ids=batch["input_ids"][:, start : start + length]).logits[0]
-            assert torch.allclose(packed[start : start + length], alone, atol=1e-5, rtol=1e-5), (
-                start,
-                length,
-            )
-            start += length
+        alone = [
+            [models["sdpa"](input_ids=batch["input_ids"][r : r + 1, a:b]).logits[0] for a, b in pairwise(row)]
+            for r, row in enumerate(starts)
+        ]  # fmt: skip
+        for micro in (1, 2, 4):
+            rows = {name: tensor[:micro] for name, tensor in batch.items()}
+            for attention, model in models.items():
+                inputs = model_inputs(rows, attention=attention)
+                if attention == "flash_attention_2":
+                    offsets = [r * SEQ_LEN + a for r in range(micro) for a in starts[r][:-1]]
+                    assert inputs["cu_seq_lens_q"].tolist() == offsets + [micro * SEQ_LEN]
+                    assert (
+                        inputs["input_ids"].shape == (1, micro * SEQ_LEN) and "attention_mask" not in inputs
+                    )
+                else:
+                    mask = inputs["attention_mask"]
+                    allowed = mask if attention == "sdpa" else mask == 0
+                    assert mask.shape == (micro, 1, SEQ_LEN, SEQ_LEN)
+                    a, b = starts[0][1], starts[0][2]  # the second example sees itself only
+                    assert allowed[0, 0, b - 1, a:b].all() and not allowed[0, 0, b - 1, :a].any()
+                seen.clear()
+                packed = model(**inputs).logits.reshape(micro, SEQ_LEN, -1)
+                if attention == "flash_attention_2":
+                    assert seen and all(call["rows"] == 1 and "cu_seq_lens_q" in call for call in seen)
+                for r in range(micro):
+                    for (a, b), expected in zip(pairwise(starts[r]), alone[r], strict=True):
+                        assert torch.allclose(packed[r, a:b], expected, atol=2e-5, rtol=1e-5), (
+                            attention,
+                            micro,
+                            r,
+                            a,
+                        )
         # Another first example leaves the second one's logits bitwise as they were.
-        perturbed = batch["input_ids"].clone()
-        perturbed[0, : lengths[0]] = (perturbed[0, : lengths[0]] + 7) % 512
-        again = model(input_ids=perturbed, position_ids=batch["position_ids"]).logits[0]
-    second = slice(lengths[0], lengths[0] + lengths[1])
-    assert torch.equal(again[second], packed[second]) and not torch.equal(
-        again[: lengths[0]], packed[: lengths[0]]
-    )
+        inputs = model_inputs(batch, attention="sdpa")
+        before = models["sdpa"](**inputs).logits[0]
+        first = starts[0][1]
+        inputs["input_ids"] = inputs["input_ids"].clone()
+        inputs["input_ids"][0, :first] = (inputs["input_ids"][0, :first] + 7) % 512
+        again = models["sdpa"](**inputs).logits[0]
+    second = slice(first, starts[0][2])
+    assert torch.equal(again[second], before[second]) and not torch.equal(again[:first], before[:first])
 
 
 def test_instruction_targets_restart_positions_and_never_predict_across_a_boundary():

@@ -16,7 +16,7 @@ from trainer.data.loader import build_loader
 from trainer.errors import UserError
 from trainer.metrics import MetricsLogger
 from trainer.names import unique_names
-from trainer.parallel.inputs import model_inputs
+from trainer.parallel.inputs import model_inputs, prepare_attention
 
 EVAL_SOURCE = "llm-train eval"
 
@@ -29,12 +29,13 @@ def validation_loss(
     loss of every response token over their count."""
     loader = build_loader(DataConfig(path=data_path), "val", micro_batch_size, seed=0)
     losses, targets = [], []
+    attention = prepare_attention(model)
     for batch in loader.iter_batches(batches):
         if "labels" in batch:
-            losses.append(model(**model_inputs(batch, torch.ones(()))).loss.double())
+            losses.append(model(**model_inputs(batch, torch.ones(()), attention)).loss.double())
             targets.append(target_count(batch["labels"]))
         else:
-            losses.append(model(**model_inputs(batch)).loss.double())
+            losses.append(model(**model_inputs(batch, attention=attention)).loss.double())
     stacked = torch.stack(losses)
     val_loss = float(stacked.sum() / torch.stack(targets).sum() if targets else stacked.mean())
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}

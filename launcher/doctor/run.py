@@ -96,6 +96,13 @@ def dataset_info(config: Config) -> DatasetInfo | None:
         return None
 
 
+def assumed_vocab(config: Config) -> int:
+    """The vocabulary taken when neither the config nor its data says: the family's published tokenizer's."""
+    from trainer.models.families import FAMILIES
+
+    return FAMILIES[config.model.arch].tokenizer_vocab or DEFAULT_VOCAB_SIZE
+
+
 def count_params(config: Config, info: DatasetInfo | None) -> tuple[int, str]:
     """The model's parameter count, from the real model built on the meta device (no memory, no init), with a
     note when the vocabulary or context length had to be assumed because the data could not be read."""
@@ -106,9 +113,9 @@ def count_params(config: Config, info: DatasetInfo | None) -> tuple[int, str]:
 
     vocab = config.model.vocab_size or (info.vocab_size if info else None)
     seq_len = config.model.seq_len or (info.seq_len if info else None)
-    assumed = "" if vocab and seq_len else f" (vocab {DEFAULT_VOCAB_SIZE} assumed: the data did not load)"
+    assumed = "" if vocab else f" (vocab {assumed_vocab(config)} assumed: the data did not load)"
     with torch.device("meta"):
-        hf_config = model_config(config.model, vocab or DEFAULT_VOCAB_SIZE, seq_len or DEFAULT_SEQ_LEN)
+        hf_config = model_config(config.model, vocab or assumed_vocab(config), seq_len or DEFAULT_SEQ_LEN)
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=config.model.trust_remote_code)
     return sum(p.numel() for p in model.parameters()), assumed
 

@@ -27,7 +27,7 @@ from trainer.parallel.deepspeed_universal import (
     to_universal,
     wait_for_conversion,
 )
-from trainer.parallel.inputs import model_inputs
+from trainer.parallel.inputs import model_inputs, prepare_attention
 from trainer.parallel.model_source import ModelSource
 from trainer.parallel.node_layout import consecutive_layout_problem, node_major_order
 from trainer.parallel.sharding import shard_group_size, state_bytes
@@ -108,6 +108,7 @@ class DeepSpeedBackend:
             lr_scheduler=lambda optimizer: build_scheduler(optimizer, config.train),
         )
         self.module = self.engine.module
+        self.attention = prepare_attention(self.module)
         self.device = self.engine.device
         self._record_writes()
         model_dtype, accum_dtype = self.engine.get_data_types()
@@ -123,7 +124,7 @@ class DeepSpeedBackend:
     def forward_backward(
         self, batch: dict[str, torch.Tensor], last_micro_batch: bool, num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        loss = self.engine(**model_inputs(batch, num_items)).loss
+        loss = self.engine(**model_inputs(batch, num_items, self.attention)).loss
         self.engine.backward(loss)
         if not last_micro_batch:
             self.engine.step()  # at a non-boundary micro batch the engine only accumulates
@@ -143,7 +144,7 @@ class DeepSpeedBackend:
     def eval_loss(
         self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.engine(**model_inputs(batch, num_items)).loss.detach().float()
+        return self.engine(**model_inputs(batch, num_items, self.attention)).loss.detach().float()
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

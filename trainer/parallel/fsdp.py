@@ -36,7 +36,7 @@ from trainer.distributed import DistEnv
 from trainer.models.build import check_tied, compile_blocks, decoder_layers
 from trainer.models.pretrained import tied_names
 from trainer.optim import build_optimizer, build_scheduler
-from trainer.parallel.inputs import model_inputs
+from trainer.parallel.inputs import model_inputs, prepare_attention
 from trainer.parallel.model_source import ModelSource
 from trainer.parallel.node_layout import node_major_order, shard_groups
 from trainer.parallel.sharding import shard_group_size, state_bytes
@@ -139,6 +139,7 @@ class FSDPBackend:
         autocast = config.train.precision == "bf16" and not self.sharded
         self._autocast = {"device_type": env.device.type, "dtype": torch.bfloat16, "enabled": autocast}
         self.module_device = env.device
+        self.attention = prepare_attention(self.module)
         self.async_writer = AsyncCheckpointerType.THREAD
         """Who writes a background save's shards; a thread stalls training least (docs/checkpoints.md)."""
         self._stager: DefaultStager | None = None
@@ -157,7 +158,7 @@ class FSDPBackend:
             # (a slower, inter-node collective) waits for the last micro batch.
             self.module.set_requires_all_reduce(last_micro_batch)
         with torch.autocast(**self._autocast):
-            loss = self.module(**model_inputs(batch, num_items)).loss
+            loss = self.module(**model_inputs(batch, num_items, self.attention)).loss
         (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -183,7 +184,7 @@ class FSDPBackend:
         self, batch: dict[str, torch.Tensor], num_items: torch.Tensor | None = None
     ) -> torch.Tensor:
         with torch.autocast(**self._autocast):
-            return self.module(**model_inputs(batch, num_items)).loss.detach()
+            return self.module(**model_inputs(batch, num_items, self.attention)).loss.detach()
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)

@@ -32,6 +32,8 @@ class Family:
     model_types: tuple[str, ...]
     """The `model_type`s of `transformers` configs it accepts from `model.init_from`; empty: any."""
     make_config: Callable[[Any, dict[str, Any], int, int], Any]
+    tokenizer_vocab: int | None = None
+    """The vocabulary of the family's published tokenizer: what `plan` assumes when no dataset is readable."""
 
     @property
     def default_size(self) -> str | None:

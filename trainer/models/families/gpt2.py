@@ -39,4 +39,5 @@ FAMILY = Family(
     shape_keys=("n_layer", "n_head", "n_embd", "tie_embeddings"),
     model_types=("gpt2",),
     make_config=make_config,
+    tokenizer_vocab=50257,  # GPT-2's tokenizer
 )

@@ -70,4 +70,5 @@ FAMILY = Family(
     ),
     model_types=("llama",),
     make_config=make_config,
+    tokenizer_vocab=128256,  # Llama 3's tokenizer
 )
