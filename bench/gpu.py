@@ -128,7 +128,27 @@ def main() -> None:
             lines.append(line)
         print(lines[-1], flush=True)
         atomic_write_text(Path(args.out), "\n".join(lines) + "\n")  # every row: a cut-off run keeps its rows
+    lines += ["", busy_timer_line(env.device)]
+    atomic_write_text(Path(args.out), "\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def busy_timer_line(device: torch.device) -> str:
+    """The straggler summary's step time on CUDA is the device's (trainer/resilience/stragglers.py): queue
+    ~0.2 s of device work per step and compare what BusyTimer reports with what the host saw."""
+    from trainer.resilience.stragglers import BusyTimer
+
+    if device.type != "cuda":
+        return "busy timer: CPU, host time (the device check needs CUDA)"
+    timer, reported, host = BusyTimer(device), [], []
+    for _ in range(3):
+        timer.start()
+        started = time.perf_counter()
+        torch.cuda._sleep(int(0.2 * torch.cuda.get_device_properties(device).clock_rate * 1000))
+        host.append(time.perf_counter() - started)
+        reported.append(timer.stop())
+        torch.cuda.synchronize()
+    return f"busy timer: device seconds per step {[round(r, 3) for r in reported[1:]]} (~0.2 expected), host saw {[round(h, 4) for h in host[1:]]}"
 
 
 def row_line(

@@ -103,7 +103,7 @@ def test_killed_rank_is_named_by_the_survivor_and_the_resume_matches(straight, d
     with _run_to_fail(run_dir, demo_dataset.path, extra, {}) as stderr:
         wait_for(lambda: _train_steps(run_dir) >= 4 or stderr.ended())
         assert not stderr.ended(), stderr.text()
-        victim = json.loads((run_dir / "heartbeats" / "rank00001.json").read_text())["pid"]
+        victim = json.loads((run_dir / "heartbeats" / "node-00000" / "rank00001.json").read_text())["pid"]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         reported_at, report = _survivor_report(stderr, 60)

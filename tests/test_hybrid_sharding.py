@@ -84,6 +84,14 @@ def test_shard_groups_follow_the_nodes_when_ranks_are_numbered_round_robin(shard
         in (run / "logs" / "rank0.log").read_text()
     )
     _close(by_step(read_metrics(run)), by_step(read_metrics(sharded_runs["full-to-node"])), range(4, 7))
+    # Each rank's heartbeat lives in its node's folder: no folder takes every rank's renames.
+    beats = sorted(
+        str(path.relative_to(run / "heartbeats")) for path in run.glob("heartbeats/node-*/rank*.json")
+    )
+    assert [name for name in beats if "exit" not in name] == [
+        "node-00000/rank00000.json", "node-00000/rank00002.json", "node-00001/rank00001.json",
+        "node-00001/rank00003.json",
+    ]  # fmt: skip
 
 
 def test_deepspeed_refuses_groups_that_would_span_nodes():

@@ -88,7 +88,9 @@ def test_a_presets_plan_without_data_uses_its_own_vocabulary_and_context(capsys)
     assert "1235.8M parameters" in text and "vocab 128256" in text and "seq_len" not in text.split("note")[-1]
     assert cli_main([*args, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert plan["flops_per_step"] > 0 and plan["tokens_per_s"] * plan["step_time_s"] == pytest.approx(512 * 2048)
+    assert plan["flops_per_step"] > 0 and plan["tokens_per_s"] * plan["step_time_s"] == pytest.approx(
+        512 * 2048
+    )
 
 
 def test_plan_of_an_invalid_config_exits_2_naming_the_key(capsys):

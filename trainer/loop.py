@@ -61,7 +61,7 @@ def train_step(
     world size.
     """
     loss = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    started = time.perf_counter()
+    ctx.busy.start()
     with ctx.clock.phase("data"):
         ctx.heartbeat.enter("data", step)
         micro_batches = [_to_device(next(batches), ctx.device) for _ in range(ctx.plan.grad_accum)]
@@ -72,7 +72,7 @@ def train_step(
             last = micro == ctx.plan.grad_accum - 1
             loss += ctx.backend.forward_backward(batch, last_micro_batch=last, num_items=num_items).double()
     step_faults(ctx.rank, step)
-    busy_s = time.perf_counter() - started
+    busy_s = ctx.busy.stop()
     ctx.checkpoints.before_update()
     ctx.heartbeat.enter("optimizer step")
     grad_norm = ctx.backend.step()

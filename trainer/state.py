@@ -15,6 +15,7 @@ from trainer.parallel import Backend
 from trainer.resilience.goodput import GoodputClock
 from trainer.resilience.heartbeat import Heartbeat
 from trainer.resilience.preemption import StopSignals
+from trainer.resilience.stragglers import BusyTimer
 
 
 @dataclass
@@ -54,3 +55,5 @@ class LoopContext:
     heartbeat: Heartbeat
     clock: GoodputClock
     rank: int = 0
+    busy: BusyTimer = field(default_factory=lambda: BusyTimer(torch.device("cpu")))
+    """Times each step's data and forward/backward for the straggler summary, on the run's device."""

@@ -25,6 +25,7 @@ from trainer.resilience.goodput import GoodputClock, summarize
 from trainer.resilience.heartbeat import Heartbeat
 from trainer.resilience.preemption import Preempted, StopSignals
 from trainer.resilience.requeue import cancelled, requeue
+from trainer.resilience.stragglers import BusyTimer
 from trainer.state import LoopContext, TrainState
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
     stop_signals = StopSignals()
     ctx = LoopContext(
         config, plan, backend, metrics, facts, env.device, peak, env.is_main, checkpoints, stop_signals,
-        heartbeat, clock, env.rank,
+        heartbeat, clock, env.rank, BusyTimer(env.device),
     )  # fmt: skip
     state = TrainState()
     try:

@@ -2,7 +2,8 @@
 
 A collective that fails says little: gloo reports a closed socket or a timeout, NCCL a watchdog timeout,
 neither says which rank went missing. So every rank runs a daemon thread that writes
-RUN_DIR/heartbeats/rankNNNNN.json every `interval_s` seconds: its phase ("forward/backward",
+RUN_DIR/heartbeats/node-NNNNN/rankNNNNN.json every `interval_s` seconds (a folder per node: on a parallel
+filesystem, renames in one folder by every rank of a large job contend for that folder's lock): its phase ("forward/backward",
 "step report all-reduce", "checkpoint save", ...), the step, since when, its pid and host. The training
 thread only sets attributes when the phase changes. When a collective fails, `diagnose` reads the
 others' files: a rank whose heartbeat stopped is lost (killed, crashed, node down); a rank still beating
@@ -36,6 +37,15 @@ def current_attempt() -> str | None:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or '0'}" if job else None
 
 
+def node_index() -> int:
+    """This rank's node in the job: torchrun's GROUP_RANK (also set by `llm-train train`), else SLURM's node id."""
+    for name in ("GROUP_RANK", "SLURM_NODEID"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def heartbeat_interval(timeout_s: float) -> float:
     """Often enough to tell a dead rank well inside the collective timeout, rarely enough to cost nothing."""
     return max(0.5, min(5.0, timeout_s / 10))
@@ -43,7 +53,8 @@ def heartbeat_interval(timeout_s: float) -> float:
 
 class Heartbeat:
     def __init__(self, run_dir: Path, rank: int, world_size: int, interval_s: float) -> None:
-        self.folder = run_dir / FOLDER
+        self.run_dir = run_dir
+        self.folder = run_dir / FOLDER / f"node-{node_index():05d}"
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self.phase, self.step, self.since = "start-up", 0, time.time()
         self.failure: str | None = None
@@ -113,7 +124,7 @@ class Heartbeat:
             tmp.replace(path)
 
     def _read(self, rank: int) -> dict[str, Any] | None:
-        return read_heartbeat(self.folder.parent, rank)
+        return read_heartbeat(self.run_dir, rank)
 
     def diagnose(self, max_wait_s: float | None = None) -> str:
         """Which other ranks are lost or behind, in one line. Waits until a lost rank's heartbeat is stale."""
@@ -142,7 +153,9 @@ class Heartbeat:
                 continue
             record = self._read(rank)
             if record is None:
-                findings.append(("lost", f"rank {rank} never reported (no heartbeat in {self.folder})"))
+                findings.append(
+                    ("lost", f"rank {rank} never reported (no heartbeat in {self.run_dir / FOLDER})")
+                )
                 continue
             where = f"'{record['phase']}' of step {record['step']}"
             age, in_phase = now - record["time"], now - record["since"]
@@ -168,8 +181,12 @@ class Heartbeat:
 
 
 def read_heartbeat(run_dir: Path, rank: int) -> dict[str, Any] | None:
-    """A rank's last heartbeat record in this attempt, or None when it wrote none (or a single-process run)."""
-    return _read_this_attempts(run_dir / FOLDER / f"rank{rank:05d}.json")
+    """A rank's last heartbeat record in this attempt, or None when it wrote none (or a single-process run).
+    Its node's folder is not known to the reader: the newest of this attempt's records in any of them."""
+    name = f"rank{rank:05d}.json"
+    paths = [*(run_dir / FOLDER).glob(f"node-*/{name}"), run_dir / FOLDER / name]
+    records = [record for record in map(_read_this_attempts, paths) if record is not None]
+    return max(records, key=lambda record: record.get("time", 0.0), default=None)
 
 
 def _read_this_attempts(path: Path) -> dict[str, Any] | None:
@@ -219,7 +236,9 @@ def first_stopped(run_dir: Path) -> tuple[int, dict[str, Any] | None, dict[str, 
     `peer_failed` in its last heartbeat) is never the cause. None when no rank of this attempt has stopped.
     """
     now, stopped = time.time(), []
-    ranks = {int(path.name[4:9]) for path in (run_dir / FOLDER).glob("rank[0-9][0-9][0-9][0-9][0-9]*.json")}
+    pattern = "rank[0-9][0-9][0-9][0-9][0-9]*.json"
+    paths = [*(run_dir / FOLDER).glob(pattern), *(run_dir / FOLDER).glob(f"node-*/{pattern}")]
+    ranks = {int(path.name[4:9]) for path in paths}
     for rank in sorted(ranks):
         beat, ended = read_heartbeat(run_dir, rank), _read_exit(run_dir, rank)
         if (beat or {}).get("peer_failed") or (ended or {}).get("code") == PEER_FAILED_EXIT:

@@ -1,6 +1,7 @@
 """Which rank holds the others back, from the step report's one all-reduce (no file is read for it).
 
-Every rank measures how long each step kept it busy before its optimizer step (data, forward, backward) and
+Every rank measures how long each step kept it busy before its optimizer step (data, forward, backward; on
+CUDA the device's time, `BusyTimer`) and
 puts it in its own slot of the step report (trainer/step_report.py), so at a logging step rank 0 knows every
 rank's time without touching the shared filesystem: the slowest rank and its lag behind the median go into the
 metrics, and a rank more than `parallel.straggler_factor` times the median for PERSISTENT summaries in a row is
@@ -13,9 +14,11 @@ from __future__ import annotations
 import logging
 import socket
 import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,38 @@ def gather_hosts(world_size: int) -> list[str]:
     hosts: list[str] = [""] * world_size
     dist.all_gather_object(hosts, socket.gethostname())
     return hosts
+
+
+class BusyTimer:
+    """How long a step keeps this rank busy before its optimizer step, never waiting for the device.
+
+    On the CPU the host's time is the work's. On CUDA the host only queues kernels and returns long before
+    they end, so the time is the device's, between events recorded around the step's data and
+    forward/backward, read one step late: the previous step's events have long completed by the next step's
+    end (`query()`, no synchronisation). The first step reports 0 there, and no rank is named for it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._host_start = 0.0
+        self._events: tuple[Any, Any] | None = None
+        self._pending: tuple[Any, Any] | None = None
+        self._last_device_s = 0.0
+
+    def start(self) -> None:
+        self._host_start = time.perf_counter()
+        if self.cuda:
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+
+    def stop(self) -> float:
+        if not self.cuda or self._events is None:
+            return time.perf_counter() - self._host_start
+        self._events[1].record()
+        previous, self._pending = self._pending, self._events
+        if previous is not None and previous[1].query():
+            self._last_device_s = previous[0].elapsed_time(previous[1]) / 1000
+        return self._last_device_s
 
 
 class StragglerWatch:
