@@ -257,7 +257,8 @@ def init_distributed(timeout_s: float) -> DistEnv:
         env.rank, env.world_size, env.local_rank, env.local_world_size, device,
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"), backend, env.master_addr, env.master_port,
     )  # fmt: skip
-    if env.rank == 0 and env.world_size > 1:
+    # Under torchrun its agent already holds the rendezvous store on MASTER_PORT and the ranks join it.
+    if env.rank == 0 and env.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         check_port_free(env.master_port)
     if not dist.is_initialized():
         dist.init_process_group(
