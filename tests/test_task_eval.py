@@ -69,29 +69,18 @@ def trained_on_the_answers(demo_dataset, tmp_path_factory) -> tuple[Path, Path]:
     return root / "untrained", root / "trained"
 
 
-def test_eval_tasks_scores_chance_untrained_and_well_above_it_trained(
+def test_eval_tasks_scores_chance_untrained_and_well_above_it_trained_and_compare_puts_them_side_by_side(
     task_dir, trained_on_the_answers, capsys
 ):
-    scores = {}
-    for run_dir in trained_on_the_answers:
-        capsys.readouterr()
-        assert cli_main(["eval", str(run_dir), "--tasks", TASK, "--task-dir", str(task_dir)]) == 0
-        output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-        scores[run_dir.name] = output["tasks"][TASK]["acc"]
-        lines = [r for r in read_metrics(run_dir) if r.get("task") == TASK]
-        assert lines and lines[-1]["acc"] == scores[run_dir.name] and lines[-1]["source"] == "llm-train eval"
-    assert scores["untrained"] <= 0.5 and scores["trained"] >= 0.8, scores
-
-
-def test_an_unknown_task_is_a_user_error_naming_it(task_dir, trained_on_the_answers, capsys):
-    untrained, _ = trained_on_the_answers
-    assert cli_main(["eval", str(untrained), "--tasks", "no_such_task", "--task-dir", str(task_dir)]) == 2
-    assert "--tasks: no_such_task" in capsys.readouterr().err
-
-
-def test_compare_tasks_puts_the_models_side_by_side(task_dir, trained_on_the_answers, capsys):
+    """`eval --tasks` of the trained run records its score like an eval line; `compare` of both runs scores
+    them in one table with the same harness: chance for the untrained one, the eval's score for the trained."""
     untrained, trained = trained_on_the_answers
     capsys.readouterr()
+    assert cli_main(["eval", str(trained), "--tasks", TASK, "--task-dir", str(task_dir)]) == 0
+    output = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    score = output["tasks"][TASK]["acc"]
+    lines = [r for r in read_metrics(trained) if r.get("task") == TASK]
+    assert lines and lines[-1]["acc"] == score and lines[-1]["source"] == "llm-train eval"
     args = [
         "compare",
         str(untrained),
@@ -106,4 +95,11 @@ def test_compare_tasks_puts_the_models_side_by_side(task_dir, trained_on_the_ans
     assert cli_main([*args, "--json"]) == 0
     models = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["models"]
     assert [model["name"] for model in models] == ["untrained", "trained"]
-    assert models[1]["tasks"][TASK]["acc"] > models[0]["tasks"][TASK]["acc"]
+    scores = [model["tasks"][TASK]["acc"] for model in models]
+    assert scores[0] <= 0.5 and scores[1] == score >= 0.8, scores
+
+
+def test_an_unknown_task_is_a_user_error_naming_it(task_dir, trained_on_the_answers, capsys):
+    untrained, _ = trained_on_the_answers
+    assert cli_main(["eval", str(untrained), "--tasks", "no_such_task", "--task-dir", str(task_dir)]) == 2
+    assert "--tasks: no_such_task" in capsys.readouterr().err
