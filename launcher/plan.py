@@ -266,11 +266,8 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines + [f"warning      {warning}" for warning in plan.warnings])
 
 
-def plan_for_config(
-    config: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float | None = None
-) -> tuple[Plan, str]:
-    """The plan with the vocabulary and context length from the config or its dataset (a note when they had to
-    be assumed because the data could not be read here)."""
+def plan_inputs(config: Config) -> tuple[int, int, str]:
+    """(vocabulary, sequence length, note): from the config or its dataset, else assumed (the note says which)."""
     from launcher.doctor.run import DEFAULT_SEQ_LEN, assumed_vocab, dataset_info
 
     info = dataset_info(config)
@@ -284,18 +281,22 @@ def plan_for_config(
         seq_len = DEFAULT_SEQ_LEN
         assumed.append(f"seq_len {seq_len}")
     note = f"\nnote         {' and '.join(assumed)} assumed: the data did not load here" if assumed else ""
+    return vocab, seq_len, note
+
+
+def plan_for_config(
+    config: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float | None = None
+) -> tuple[Plan, str]:
+    """The plan with the vocabulary and context length from the config or its dataset (a note when they had to
+    be assumed because the data could not be read here)."""
+    vocab, seq_len, note = plan_inputs(config)
     packed = _prepared_format(config) not in (None, "text")
-    plan = make_plan(
-        config,
-        vocab,
-        seq_len,
-        nodes,
-        gpus_per_node,
-        gpu,
-        mfu,
-        packed,
-    )
-    return plan, note
+    return make_plan(config, vocab, seq_len, nodes, gpus_per_node, gpu, mfu, packed), note
+
+
+def usable_bytes(gpu: str) -> float:
+    """What a run may use of one GPU of kind `gpu` (USABLE of its memory)."""
+    return USABLE * GPUS[gpu][0] * 1e9
 
 
 def _prepared_format(config: Config) -> str | None:

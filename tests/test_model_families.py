@@ -273,22 +273,26 @@ def test_the_readme_llama_command_trains_and_status_names_the_family(demo_datase
 
 @pytest.mark.parametrize(
     ("size", "published"),
-    [  # from meta-llama/Llama-3.2-1B and -3B's config.json
-        ("llama-1b", {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "intermediate_size": 8192}),
-        ("llama-3b", {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "intermediate_size": 8192}),
+    [  # from meta-llama/Llama-3.2-1B and -3B's and Llama-3.1-8B's config.json
+        ("llama-1b", {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "intermediate_size": 8192,
+                      "tie_word_embeddings": True, "rope_scaling": {"factor": 32.0}}),
+        ("llama-3b", {"hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24, "intermediate_size": 8192,
+                      "tie_word_embeddings": True, "rope_scaling": {"factor": 32.0}}),
+        ("llama-8b", {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "intermediate_size": 14336,
+                      "tie_word_embeddings": False, "rope_scaling": {"factor": 8.0}}),
     ],
 )  # fmt: skip
-def test_the_llama_3_2_presets_are_the_published_configs(size, published):
+def test_the_llama_3_presets_are_the_published_configs(size, published):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     config = load_config("tiny", ["run.dir=x", "data.path=x", "model.arch=llama", f"model.size={size}"])
     ours = FAMILIES["llama"].make_config(config.model, model_shape(config.model), 128256, 2048)
+    scaling = {"high_freq_factor": 4.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
+               "rope_type": "llama3", **published["rope_scaling"]}  # fmt: skip
     reference = LlamaConfig(
-        **published, vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        rope_theta=500000.0, tie_word_embeddings=True,
-        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        **{**published, "rope_scaling": scaling}, vocab_size=128256, num_key_value_heads=8,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
     )  # fmt: skip
     keys = ["rms_norm_eps", "rope_theta", "rope_scaling", "tie_word_embeddings", "head_dim", "max_position_embeddings",
             "num_key_value_heads", *published]  # fmt: skip

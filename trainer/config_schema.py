@@ -117,7 +117,7 @@ class ModelConfig:
     transformers causal LM, its architecture from model.hf_config or model.init_from)."""
     size: str | None = None
     """Preset shape of the family. gpt2: tiny | gpt2-124m | gpt2-350m | gpt2-774m | gpt2-1.5b; llama:
-    llama-tiny | llama-150m | llama-1b | llama-3b; hf: none. None: the family's first (tiny, llama-tiny)."""
+    llama-tiny | llama-150m | llama-1b | llama-3b | llama-8b; hf: none. None: the family's first (tiny, llama-tiny)."""
     n_layer: int | None = None
     """Overrides the preset's number of transformer blocks."""
     n_head: int | None = None

@@ -1,12 +1,17 @@
-"""`llm-train plan CONFIG [key=value ...] --nodes N --gpus-per-node G --gpu NAME [--mfu F] [--json]`:
-memory per GPU, the largest micro batch that fits, step time, wall time and GPU-hours, before submitting."""
+"""`llm-train plan CONFIG [key=value ...] --nodes N --gpus-per-node G --gpu NAME [--mfu F] [--measure]
+[--max-micro-batch] [--json]`: memory per GPU, the largest micro batch that fits, step time, wall time and
+GPU-hours, before submitting; `--measure` runs one real training step on fake tensors (launcher/plan_measure.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 from launcher.plan import DEFAULT_MFU, GPUS
+
+if TYPE_CHECKING:
+    from trainer.config import Config
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,6 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--mfu", type=float, default=None, help=f"model FLOPs utilisation to assume (default {DEFAULT_MFU})"
     )
+    parser.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run one real training step at this world size on fake tensors (no GPU, no model memory) and "
+        "show rank 0's measured peak by category beside the formula's",
+    )
+    parser.add_argument(
+        "--max-micro-batch",
+        action="store_true",
+        help="find the largest micro batch whose measured peak fits the --gpu, by bisection",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object instead of text")
     parser.set_defaults(handler=run)
 
@@ -31,5 +47,48 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     plan, note = plan_for_config(config, args.nodes, args.gpus_per_node, args.gpu, args.mfu)
-    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan) + note)
+    result, lines = plan.to_dict(), [format_plan(plan) + note]
+    if args.measure or args.max_micro_batch:
+        measured, measured_lines = _measured(config, args, plan.bytes_per_gpu, plan.shard_group)
+        result |= measured
+        lines += measured_lines
+    print(json.dumps(result) if args.json else "\n".join(lines))
     return 0
+
+
+def _measured(
+    config: Config, args: argparse.Namespace, formula: dict[str, int], shard_group: int
+) -> tuple[dict, list[str]]:
+    """--measure and --max-micro-batch: their JSON fields and lines."""
+    from launcher.plan import plan_inputs, usable_bytes
+    from launcher.plan_measure import compare_lines, largest_micro_batch, measure_step
+
+    if config.parallel.backend == "deepspeed":
+        line = (
+            "measured     none: DeepSpeed's engine does not run on fake tensors; the formula's figures stand"
+        )
+        return {"measured": None}, [line]
+    vocab, seq_len, _ = plan_inputs(config)
+    world, room = args.nodes * args.gpus_per_node, usable_bytes(args.gpu)
+    fields: dict = {}
+    lines: list[str] = []
+    if args.measure:
+        step = measure_step(config, vocab, seq_len, world, args.gpus_per_node, shard_group)
+        fields["measured"] = step.to_dict()
+        lines += compare_lines(step, formula)
+        if step.peak > room:
+            lines.append(f"warning      the measured peak {step.peak / 1e9:.1f} GB exceeds the {room / 1e9:.1f} GB a "
+                         f"run may use of a {args.gpu}: lower train.micro_batch_size (--max-micro-batch finds it)")  # fmt: skip
+    if args.max_micro_batch:
+        most = max(1, config.train.global_batch_size // world)
+        largest, steps = largest_micro_batch(
+            config, vocab, seq_len, world, args.gpus_per_node, shard_group, room, most
+        )
+        fields["max_micro_batch"] = largest
+        fields["max_micro_batch_peaks"] = [
+            step.peak for step in sorted(steps, key=lambda s: s.micro_batch_size)
+        ]
+        tried = ", ".join(f"{step.micro_batch_size}: {step.peak / 1e9:.1f} GB" for step in steps)
+        lines.append(f"micro batch  largest that fits a {args.gpu} ({room / 1e9:.1f} GB usable) by measured peak: "
+                     f"{largest or 'none'} (tried {tried})")  # fmt: skip
+    return fields, lines

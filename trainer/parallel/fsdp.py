@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -49,15 +50,7 @@ def parallelize(
 ) -> FSDPModule:
     """`fully_shard` over all ranks, or (`shard_size` < world size) over groups of `shard_size` ranks and
     replicated across the groups: a 2-D (replicate, shard) mesh, FSDP2's hybrid sharding."""
-    shard_size = shard_size or env.world_size
-    if shard_size < env.world_size:
-        order = node_major_order(env)  # groups within nodes, however the ranks are numbered
-        if order != list(range(env.world_size)):
-            log.info("ranks are not numbered node by node: shard groups %s", shard_groups(order, shard_size))
-        layout = torch.tensor(order).reshape(env.world_size // shard_size, shard_size)
-        mesh = DeviceMesh(env.device.type, layout, mesh_dim_names=("replicate", "shard"))
-    else:
-        mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mesh = device_mesh(env, shard_size or env.world_size)
     if precision == "bf16":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -75,6 +68,19 @@ def parallelize(
     # The root unit holds the embeddings and the output layer, so tied ones stay one tensor.
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model  # type: ignore[return-value]
+
+
+def device_mesh(env: DistEnv, shard_size: int) -> DeviceMesh:
+    """All ranks in one dimension, or (replicate, shard) groups of `shard_size` ranks within nodes. The
+    rank layout is real data even when the model is built on fake tensors (`plan --measure`)."""
+    with unset_fake_temporarily():
+        if shard_size == env.world_size:
+            return init_device_mesh(env.device.type, (env.world_size,))
+        order = node_major_order(env)  # groups within nodes, however the ranks are numbered
+        if order != list(range(env.world_size)):
+            log.info("ranks are not numbered node by node: shard groups %s", shard_groups(order, shard_size))
+        layout = torch.tensor(order).reshape(env.world_size // shard_size, shard_size)
+        return DeviceMesh(env.device.type, layout, mesh_dim_names=("replicate", "shard"))
 
 
 def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -> None:
@@ -118,7 +124,11 @@ class FSDPBackend:
     name = "fsdp"
     supports_async = True
 
-    def __init__(self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv) -> None:
+    def __init__(
+        self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv, weights: bool = True
+    ) -> None:
+        """`weights=False`: the shards get memory but not the source's values (`plan --measure`, on fake
+        tensors, where only their sizes matter)."""
         meta = source.meta()
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
         self.sharded = env.world_size > 1
@@ -131,7 +141,10 @@ class FSDPBackend:
             self.module = meta
             if config.train.compile:
                 compile_blocks(meta)
-        materialize(self.module, source, env.device)
+        if weights:
+            materialize(self.module, source, env.device)
+        else:
+            self.module.to_empty(device=env.device)
         self.optimizer = build_optimizer(self.module, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train)
         self.grad_clip = config.train.grad_clip

@@ -2,7 +2,8 @@
 
 The 1b and 3b presets are Llama 3.2 1B and 3B as published (meta-llama/Llama-3.2-1B and -3B config.json):
 their shapes, tied embeddings, rope_theta 500000, RMSNorm epsilon 1e-5 and the "llama3" RoPE frequency scaling
-(factor 32 over an original 8192-token context); 150m is a 16-layer, 768-wide model of the same design; tiny is
+(factor 32 over an original 8192-token context); 8b is Llama 3.1 8B (meta-llama/Llama-3.1-8B: untied, the
+same scaling with factor 8); 150m is a 16-layer, 768-wide model of the same design; tiny is
 for CPU tests and the demo.
 """
 
@@ -21,6 +22,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "rope_theta": 500000.0, "tie_embeddings": True},
     "llama-3b": {"n_layer": 28, "n_head": 24, "n_kv_head": 8, "n_embd": 3072, "intermediate_size": 8192,
                  "rope_theta": 500000.0, "tie_embeddings": True},
+    "llama-8b": {"n_layer": 32, "n_head": 32, "n_kv_head": 8, "n_embd": 4096, "intermediate_size": 14336,
+                 "rope_theta": 500000.0, "tie_embeddings": False},
 }  # fmt: skip
 
 LLAMA_3_2 = {
@@ -28,8 +31,9 @@ LLAMA_3_2 = {
     "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 8192},
 }  # fmt: skip
+LLAMA_3_1 = {**LLAMA_3_2, "rope_scaling": {**LLAMA_3_2["rope_scaling"], "factor": 8.0}}
 LLAMA_3_2_CONTEXT = 131072
-PUBLISHED: dict[str, dict[str, Any]] = {"llama-1b": LLAMA_3_2, "llama-3b": LLAMA_3_2}
+PUBLISHED: dict[str, dict[str, Any]] = {"llama-1b": LLAMA_3_2, "llama-3b": LLAMA_3_2, "llama-8b": LLAMA_3_1}
 """What the published configs of the presets' models set beyond the shape keys; their context
 (max_position_embeddings) is the published 131072 tokens whatever model.seq_len trains on, as in the released
 models (RoPE has no position table: the context only bounds generation and evaluation)."""
