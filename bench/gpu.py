@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -87,12 +89,32 @@ def run_row(env: DistEnv, size: str, micro: int, overrides: list[str], args: arg
     elapsed = time.perf_counter() - start
     tokens_per_s = args.window * micro * seq_len / elapsed
     result = {
+        "estimate_gb": measured_estimate(
+            config.train.precision,
+            [*base, *overrides, *(SMOKE_OVERRIDES if args.smoke else [])],
+            seq_len,
+            config.parallel.backend,
+            args.smoke and size != ROWS[0][1],
+        ),
         "attn": attn,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(tokens_per_s, facts.flops_per_token(), 1, peak_tflops(None, env.device)),
         "mem_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
     }
     return result
+
+
+def measured_estimate(
+    precision: str, overrides: list[str], seq_len: int, backend: str, skip: bool
+) -> float | None:
+    """`llm-train plan --measure`'s peak (GiB) of the row's step, one process on fake tensors beside this one's
+    real process group; None for DeepSpeed (the formula's) or a skipped smoke row (the smoke run checks one)."""
+    if backend == "deepspeed" or skip:
+        return None
+    command = [sys.executable, "-m", "launcher.cli", "plan", "tiny", *overrides, f"model.vocab_size={VOCAB}",
+               f"model.seq_len={seq_len}", "--nodes", "1", "--gpus-per-node", "1", "--measure", "--json"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["measured"]["peak"] / 2**30
 
 
 def main() -> None:
@@ -114,10 +136,11 @@ def main() -> None:
     env = init_distributed(600)
     card = torch.cuda.get_device_name() if env.device.type == "cuda" else "cpu (smoke run)"
     lines = [f"card: {card}, torch {torch.__version__}, flash-attn importable: {flash_attn_importable()}", "",
-             "| configuration | attention | micro batch | tokens/s | MFU | peak memory GB |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| configuration | attention | micro batch | tokens/s | MFU | peak memory GB | plan --measure GB |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for label, size, micro, overrides in ROWS:
         if "parallel.backend=deepspeed" in overrides and importlib.util.find_spec("deepspeed") is None:
-            lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | |")
+            lines.append(f"| {label} | - | {micro} | skipped: deepspeed not installed | | | |")
         else:
             line, failure = row_line(env, label, size, micro, overrides, args)
             if failure == "error" and not args.smoke and "train.compile=false" not in overrides:
@@ -159,15 +182,19 @@ def row_line(
     try:
         r = run_row(env, size, micro, overrides, args)
     except torch.OutOfMemoryError:
-        return f"| {label} | - | {shown_micro} | out of memory | | |", "oom"
+        return f"| {label} | - | {shown_micro} | out of memory | | | |", "oom"
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0][:160]
-        return f"| {label} | - | {shown_micro} | failed: {type(error).__name__}: {reason} | | |", "error"
+        return f"| {label} | - | {shown_micro} | failed: {type(error).__name__}: {reason} | | | |", "error"
     finally:
         release_memory(env.device)
     mfu_text = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
     rate = f"{r['tokens_per_s']:,.0f}"
-    return f"| {label} | {r['attn']} | {shown_micro} | {rate} | {mfu_text} | {r['mem_gb']:.1f} |", None
+    estimate = f"{r['estimate_gb']:.1f}" if r["estimate_gb"] is not None else "-"
+    return (
+        f"| {label} | {r['attn']} | {shown_micro} | {rate} | {mfu_text} | {r['mem_gb']:.1f} | {estimate} |",
+        None,
+    )
 
 
 def release_memory(device: torch.device) -> None:

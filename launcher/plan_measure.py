@@ -5,8 +5,12 @@ One process stands for rank 0 of N: a fake process group (its collectives return
 code: the run's model, `FSDPBackend` (FSDP2 wrapping with the run's mixed precision, shard groups, activation
 checkpointing and reduce-scatter after every micro batch) and its fused AdamW. A first step, untracked, creates
 the optimizer's state; FSDP2's memory tracker (`torch.distributed._tools.fsdp2_mem_tracker`) then follows a
-second one: forward and backward of every micro batch of the step, and the optimizer update. Its peak, by
-category, is what rank 0 holds at the worst moment of a step. Nothing of the model is ever allocated.
+second one: forward and backward of its micro batches, and the optimizer update. Its peak, by category, is what
+rank 0 holds at the worst moment of a step. Nothing of the model is ever allocated. Two micro batches stand
+for any accumulation: gradients are reduce-scattered after every micro batch, so between micro batches a rank
+holds its gradient shards whatever their number; the first micro batch runs without them, the second with
+them (and the last one's all-reduce across hybrid replicas). The real step with 4 is held to this one in the
+tests.
 
 What it cannot see: NCCL's buffers, the CUDA context and the caching allocator's fragmentation (docs/plan.md says
 what margin covers them), and kernels' internal workspace. The attention is SDPA's, which on the CPU keeps what
@@ -37,8 +41,13 @@ _CATEGORY_OF = {
     "All Gather": "temporaries",
     "Reduce Scatter": "temporaries",
     "Inputs": "temporaries",
+    "Parameter": "parameters",
+    "Gradient": "gradients",
+    "Optstate": "optimizer",
+    "Other": "temporaries",
 }
-"""FSDP2 memory tracker's reference types -> the plan's categories (gathered weights count as parameters, the
+"""The memory trackers' reference types (FSDP2's, and the plain one's for a single unsharded rank) -> the plan's
+categories (gathered weights count as parameters, the
 collectives' buffers and the activations' gradients as temporaries)."""
 
 
@@ -64,12 +73,18 @@ def track_step(backend: Any, batch: dict[str, torch.Tensor], grad_accum: int) ->
     untracked step that creates the optimizer's state: rank 0's peaks. Real or fake tensors alike (the tests
     hold the two against each other)."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
 
     started = time.perf_counter()
     backend.forward_backward(batch, last_micro_batch=True)
     backend.step()
-    tracker = FSDPMemTracker(backend.module, backend.optimizer)
-    tracker.track_inputs((batch,))
+    if isinstance(backend.module, FSDPModule):
+        tracker = FSDPMemTracker(backend.module, backend.optimizer)
+        tracker.track_inputs((batch,))
+    else:  # one rank: the model is not sharded
+        tracker = MemTracker()
+        tracker.track_external(backend.module, backend.optimizer)
     with tracker:
         for micro in range(grad_accum):
             tracker.reset_mod_stats()  # the tracker follows one forward/backward per module at a time
@@ -83,6 +98,10 @@ def track_step(backend: Any, batch: dict[str, torch.Tensor], grad_accum: int) ->
             by_category[_CATEGORY_OF[str(getattr(kind, "value", kind))]] += int(size)
     micro = int(batch["input_ids"].shape[0])
     return MeasuredStep(by_category, int(at_peak["Total"]), int(peak), micro, time.perf_counter() - started)
+
+
+MICRO_BATCHES_MEASURED = 2
+"""Micro batches of the tracked step that stand for the run's accumulation (see the module docstring)."""
 
 
 def text_batch(micro_batch_size: int, seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -109,7 +128,7 @@ def measure_step(
 
     plan = batch_plan(config.train, world_size, seq_len)
     micro = micro_batch_size or plan.micro_batch_size
-    accum = grad_accum or plan.grad_accum
+    accum = min(grad_accum or plan.grad_accum, MICRO_BATCHES_MEASURED)
     plan = replace(plan, micro_batch_size=micro, grad_accum=accum)
     attention = "eager" if config.model.attn == "eager" else "sdpa"
     recipe = ModelRecipe(config.model, vocab_size, seq_len, attention, config.run.seed)

@@ -37,6 +37,7 @@ def test_gpu_bench_smoke_runs_every_row(tmp_path):
     ]  # fmt: skip
     for cells in rows:
         assert float(cells[3].strip().replace(",", "")) > 0, cells  # a rate, not "skipped" or "out of memory"
+    assert float(rows[0][6]) > 0  # plan --measure's estimate beside the measured peak (one row in a smoke run)
     attention = {cells[0].strip(): cells[1].strip() for cells in rows}
     assert attention["gpt2-350m eager attention"] == "eager"
     assert attention["gpt2-350m fastest"] == "sdpa"  # no flash-attn here: auto falls back to SDPA
@@ -72,4 +73,4 @@ def test_gpu_bench_records_a_failing_row_instead_of_stopping(monkeypatch, error,
         env, "gpt2-350m fastest", "gpt2-350m", 16, [], argparse.Namespace(smoke=False)
     )
     assert kind == failure
-    assert line == f"| gpt2-350m fastest | - | 16 | {cell} | | |"
+    assert line == f"| gpt2-350m fastest | - | 16 | {cell} | | | |"

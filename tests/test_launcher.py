@@ -133,8 +133,22 @@ def test_dry_run_script_for_4_nodes_of_8_gpus_matches_the_stored_one(capsys, tmp
     assert written in out
     assert "global batch 256 = micro 4 x world size 32 x accumulation 2, tokens/step 16384" in out
     assert out.strip().splitlines()[-1].endswith("nothing submitted")
+    assert "measured peak" not in err  # one step on fake tensors: the tiny model fits an H100 easily
     # Nothing a real submission leaves behind: no config for a job, no job record.
     assert sorted(p.name for p in run_dir.iterdir()) == ["submitit"]
+
+
+def test_dry_run_warns_when_the_measured_step_would_not_fit_the_gpu(capsys, tmp_path, dataset):
+    """A micro batch of 8192 sequences on 2 layers of gpt2-1.5b's width: one step measured on fake tensors
+    (plan --measure) holds far more than an H100 of the profile offers; one line says so and what to do."""
+    code, out, err = cli(
+        capsys, "submit", "tiny", f"run.dir={tmp_path / 'run'}", f"data.path={dataset}", "model.size=gpt2-1.5b",
+        "model.n_layer=2", "model.activation_checkpointing=false", "train.micro_batch_size=8192",
+        "train.global_batch_size=262144", "--cluster", "gpu-cluster", "--dry-run",
+    )  # fmt: skip
+    assert code == 0, err
+    [warning] = [line for line in err.splitlines() if "measured peak" in line]
+    assert "train.micro_batch_size=8192" in warning and "h100" in warning and "--max-micro-batch" in warning
 
 
 @pytest.mark.parametrize(

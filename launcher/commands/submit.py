@@ -7,6 +7,7 @@ The SLURM job id is the last line of stdout, for scripts: `JOB=$(llm-train submi
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from trainer.errors import UserError
@@ -61,6 +62,28 @@ def _plan_text(config: Any, profile: Any) -> str:
     return "plan:\n" + format_plan(plan) + note
 
 
+def _fit_warning(config: Any, profile: Any) -> str | None:
+    """One line when the measured peak of the configured micro batch (`plan --measure`: one step on fake
+    tensors, FSDP2 runs only) exceeds what a run may use of the profile's GPU; None when it fits or is unknown."""
+    if not profile.gpus_per_node or profile.gpu is None or config.parallel.backend != "fsdp":
+        return None
+    from launcher.plan import plan_for_config, plan_inputs, usable_bytes
+    from launcher.plan_measure import measure_step
+
+    plan, _ = plan_for_config(config, profile.nodes, profile.gpus_per_node, profile.gpu)
+    vocab, seq_len, _ = plan_inputs(config)
+    world = profile.nodes * profile.gpus_per_node
+    step = measure_step(config, vocab, seq_len, world, profile.gpus_per_node, plan.shard_group)
+    room = usable_bytes(profile.gpu)
+    if step.peak <= room:
+        return None
+    return (
+        f"warning: the measured peak of one step at train.micro_batch_size={step.micro_batch_size} is "
+        f"{step.peak / 1e9:.1f} GB, over the {room / 1e9:.1f} GB a run may use of a {profile.gpu}: it would run out "
+        "of memory; lower the micro batch (llm-train plan CONFIG --measure --max-micro-batch finds the largest)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from launcher import slurm_job, slurm_query
     from launcher.profiles import format_time, load_profile, with_overrides
@@ -91,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"batch plan: {sub.plan.describe()}")
         print(f"layout: {layout}, partition {profile.partition}, time {format_time(profile.time_s)}")
         print(_plan_text(sub.config, profile))
+        if warning := _fit_warning(sub.config, profile):
+            print(warning, file=sys.stderr)
         print(f"dry run: sbatch script written to {path}; nothing submitted")
         return 0
 
@@ -101,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
                 f"run.dir '{sub.run_dir}' already has job {info.job_id} ({info.state}); wait for it to end "
                 f"or stop it with `llm-train cancel {sub.run_dir}`"
             )
+    if warning := _fit_warning(sub.config, profile):
+        print(warning, file=sys.stderr)
     job_id = slurm_job.submit(sub, args.config, args.overrides)
     print(f"batch plan: {sub.plan.describe()}")
     print(f"layout: {layout}, partition {profile.partition}, time {format_time(profile.time_s)}")

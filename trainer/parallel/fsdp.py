@@ -128,7 +128,8 @@ class FSDPBackend:
         self, config: Config, source: ModelSource, plan: BatchPlan, env: DistEnv, weights: bool = True
     ) -> None:
         """`weights=False`: the shards get memory but not the source's values (`plan --measure`, on fake
-        tensors, where only their sizes matter)."""
+        tensors, where only their sizes matter; one rank's model is then built on its device directly, as
+        fake tensors cannot replace a meta model's tied parameters)."""
         meta = source.meta()
         self.shard_size = shard_group_size(config.parallel.shard, env, state_bytes(meta))
         self.sharded = env.world_size > 1
@@ -138,12 +139,15 @@ class FSDPBackend:
                 meta, config.train.precision, env, config.train.compile, self.shard_size
             )
         else:
+            if not weights:
+                with torch.device(env.device):
+                    meta = source.empty()
             self.module = meta
             if config.train.compile:
                 compile_blocks(meta)
         if weights:
             materialize(self.module, source, env.device)
-        else:
+        elif self.sharded:
             self.module.to_empty(device=env.device)
         self.optimizer = build_optimizer(self.module, config.train)
         self.scheduler = build_scheduler(self.optimizer, config.train)
