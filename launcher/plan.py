@@ -276,7 +276,12 @@ def plan_inputs(config: Config) -> tuple[int, int, str]:
     assumed = []
     if not vocab:
         vocab = assumed_vocab(config)
-        assumed.append(f"vocab {vocab} (the {config.model.arch} family's published tokenizer)")
+        whose = (
+            "the model's config"
+            if config.model.arch == "hf"
+            else f"the {config.model.arch} family's published tokenizer"
+        )
+        assumed.append(f"vocab {vocab} ({whose})")
     if not seq_len:
         seq_len = DEFAULT_SEQ_LEN
         assumed.append(f"seq_len {seq_len}")

@@ -97,9 +97,20 @@ def dataset_info(config: Config) -> DatasetInfo | None:
 
 
 def assumed_vocab(config: Config) -> int:
-    """The vocabulary taken when neither the config nor its data says: the family's published tokenizer's."""
+    """The vocabulary taken when neither the config nor its data says: an `hf` model's config's own, else the
+    family's published tokenizer's."""
     from trainer.models.families import FAMILIES
 
+    source = config.model.hf_config or config.model.init_from
+    if config.model.arch == "hf" and source:
+        from trainer.models.families.hf import load_hf_config
+
+        try:
+            return int(
+                load_hf_config(str(source), config.model.trust_remote_code, "model.hf_config").vocab_size
+            )
+        except Exception:  # an unreadable folder is check_model's to report
+            pass
     return FAMILIES[config.model.arch].tokenizer_vocab or DEFAULT_VOCAB_SIZE
 
 
