@@ -37,7 +37,9 @@ def test_gpu_bench_smoke_runs_every_row(tmp_path):
     ]  # fmt: skip
     for cells in rows:
         assert float(cells[3].strip().replace(",", "")) > 0, cells  # a rate, not "skipped" or "out of memory"
-    assert float(rows[0][6]) > 0  # plan --measure's estimate beside the measured peak (one row in a smoke run)
+    assert (
+        float(rows[0][6]) > 0
+    )  # plan --measure's estimate beside the measured peak (one row in a smoke run)
     attention = {cells[0].strip(): cells[1].strip() for cells in rows}
     assert attention["gpt2-350m eager attention"] == "eager"
     assert attention["gpt2-350m fastest"] == "sdpa"  # no flash-attn here: auto falls back to SDPA

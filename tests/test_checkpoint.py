@@ -219,13 +219,20 @@ def test_resume_with_another_backend_is_refused(straight, demo_dataset, tmp_path
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_export_round_trip_through_transformers(backend, straight, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """fp32: the trainer's logits exactly (1e-5). The default bf16 folder, as a serving user takes it: bf16
+    weights within 2e-2 of the trainer's logits; the tokenizer's own end, start and pad ids in config.json and
+    generation_config.json (not GPT-2's 50256), the KV cache on, no token type ids, the model's context as
+    model_max_length, plain `generate(**tokenizer(text))` working and stopping at the end token; an absolute
+    data path, files readable by other accounts, and a checksum of every file."""
+    import hashlib
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     from trainer.config import load_config
     from trainer.models.build import build_model
 
-    out = tmp_path / "hf"
-    assert cli_main(["export", str(straight[backend]), "--out", str(out)]) == 0
+    out, serving = tmp_path / "hf", tmp_path / "serving"
+    assert cli_main(["export", str(straight[backend]), "--out", str(out), "--dtype", "fp32"]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -238,10 +245,50 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     )
     trainer_model.load_state_dict(state, strict=False)
     trainer_model.eval()
-    input_ids = tokenizer("def parse(text):\n    return text", return_tensors="pt")["input_ids"]
+    inputs = tokenizer("def parse(text):\n    return text", return_tensors="pt")
     with torch.no_grad():
-        expected, got = trainer_model(input_ids).logits, hf_model(input_ids).logits
+        expected, got = trainer_model(inputs["input_ids"]).logits, hf_model(inputs["input_ids"]).logits
     assert vocab == seq_len and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+    assert cli_main(["export", str(straight[backend]), "--out", str(serving)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(serving).eval()
+    tokenizer = AutoTokenizer.from_pretrained(serving)
+    end = tokenizer.eos_token_id
+    assert (
+        model.dtype == torch.bfloat16
+        and json.loads((serving / "config.json").read_text())["dtype"] == "bfloat16"
+    )
+    with torch.no_grad():
+        assert (model(inputs["input_ids"]).logits.float() - expected).abs().max() <= 2e-2
+    generation = GenerationConfig.from_pretrained(serving)
+    assert end == 0 and (model.config.eos_token_id, generation.eos_token_id) == (end, end)
+    assert (
+        tokenizer.pad_token_id == generation.pad_token_id == end
+        and model.config.use_cache
+        and generation.use_cache
+    )
+    assert tokenizer.model_max_length == seq_len
+    encoded = tokenizer("def parse(text):", return_tensors="pt")
+    assert set(encoded) == {"input_ids", "attention_mask"}
+    model.generation_config.forced_eos_token_id = None
+    with torch.no_grad():
+        bias = torch.zeros(vocab)
+        bias[end] = 1e4  # a model that ends at once: generation must stop there, not run on to max_new_tokens
+        model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
+        produced = model.generate(**encoded, max_new_tokens=20, do_sample=False)
+    assert produced[0, encoded["input_ids"].shape[1] :].tolist() == [end]
+    info = json.loads((serving / "llm_training.json").read_text())
+    assert Path(info["data_path"]).is_absolute() and info["step"] == 12
+    assert (serving.stat().st_mode & 0o055) == 0o055 and all(
+        p.stat().st_mode & 0o044 == 0o044 for p in serving.iterdir()
+    )
+    sums = dict(
+        reversed(line.split("  ", 1)) for line in (serving / "checksums.sha256").read_text().splitlines()
+    )
+    assert set(sums) == {p.name for p in serving.iterdir()} - {"checksums.sha256"}
+    assert all(
+        hashlib.sha256((serving / name).read_bytes()).hexdigest() == digest for name, digest in sums.items()
+    )
 
 
 def test_eval_prints_step_loss_and_perplexity_as_json(straight, capsys):

@@ -25,7 +25,7 @@ SECOND_CORPUS = ("argparse.py", "difflib.py", "pprint.py", "tokenize.py")
 @pytest.fixture(scope="module")
 def exported(straight, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny"
-    assert cli_main(["export", str(straight["fsdp"]), "--out", str(out)]) == 0
+    assert cli_main(["export", str(straight["fsdp"]), "--out", str(out), "--dtype", "fp32"]) == 0
     return out
 
 

@@ -86,7 +86,7 @@ def test_llama_export_loads_in_transformers_with_the_trainers_logits(backend, ll
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = tmp_path / "hf"
-    assert cli_main(["export", str(llama_runs[backend]), "--out", str(out)]) == 0
+    assert cli_main(["export", str(llama_runs[backend]), "--out", str(out), "--dtype", "fp32"]) == 0
     exported = load_pretrained(out).eval()
     assert isinstance(exported, LlamaForCausalLM) and exported.config.num_key_value_heads == 2
     step_dir = newest_valid_step(llama_runs[backend] / "checkpoints").step_dir
@@ -136,7 +136,7 @@ def test_any_hf_decoder_starts_at_its_own_loss_trains_and_exports(kind, demo_dat
     assert math.isclose(evals[0], before["val_loss"], rel_tol=1e-5), (evals[0], before)
     assert evals[-1] < evals[0] - 0.05, evals
     out = tmp_path / "export"
-    assert cli_main(["export", str(run_dir), "--out", str(out)]) == 0
+    assert cli_main(["export", str(run_dir), "--out", str(out), "--dtype", "fp32"]) == 0
     exported = load_pretrained(out)
     assert exported.config.model_type == kind
     after = validation_loss(exported.eval(), str(demo_dataset.path), batches=2, micro_batch_size=4)

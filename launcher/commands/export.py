@@ -1,4 +1,5 @@
-"""`llm-train export RUN_DIR|CKPT_DIR --out DIR`: a Hugging Face model folder from either backend."""
+"""`llm-train export RUN_DIR|CKPT_DIR --out DIR [--dtype bf16|fp16|fp32]`: a Hugging Face model folder from either
+backend, ready for serving (trainer/models/export.py says what it holds)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--out", required=True, help="new folder: config.json, model.safetensors, tokenizer files"
     )
+    parser.add_argument(
+        "--dtype",
+        default="bf16",
+        choices=("bf16", "fp16", "fp32"),
+        help="the weights' dtype in the export (default bf16, what serving runs; fp32 keeps the checkpoint's values)",
+    )
     add_trust_argument(parser)
     parser.set_defaults(handler=run)
 
@@ -21,6 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainer.models.export import export
 
-    out = export(args.checkpoint, Path(args.out), args.trust_remote_code)
+    out = export(args.checkpoint, Path(args.out), args.trust_remote_code, args.dtype)
     print(out)
     return 0
