@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from trainer_runs import (
     BACKENDS,
     BASE_OVERRIDES,
@@ -250,8 +251,9 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
         expected, got = trainer_model(inputs["input_ids"]).logits, hf_model(inputs["input_ids"]).logits
     assert vocab == seq_len and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
 
+    assert cli_main(["eval", str(straight[backend]), "--batches", "2"]) == 0  # the card's final perplexity
     assert cli_main(["export", str(straight[backend]), "--out", str(serving)]) == 0
-    model = AutoModelForCausalLM.from_pretrained(serving).eval()
+    model = AutoModelForCausalLM.from_pretrained(serving, dtype="auto").eval()  # the weights as stored
     tokenizer = AutoTokenizer.from_pretrained(serving)
     end = tokenizer.eos_token_id
     assert (
@@ -272,7 +274,7 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     assert set(encoded) == {"input_ids", "attention_mask"}
     model.generation_config.forced_eos_token_id = None
     with torch.no_grad():
-        bias = torch.zeros(vocab)
+        bias = torch.zeros(model.config.vocab_size)
         bias[end] = 1e4  # a model that ends at once: generation must stop there, not run on to max_new_tokens
         model.lm_head.register_forward_hook(lambda module, args, output: output + bias)
         produced = model.generate(**encoded, max_new_tokens=20, do_sample=False)
@@ -282,6 +284,12 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     assert (serving.stat().st_mode & 0o055) == 0o055 and all(
         p.stat().st_mode & 0o044 == 0o044 for p in serving.iterdir()
     )
+    card = (serving / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert {"license", "language", "tags", "datasets", "metrics"} <= set(front) and "gpt2" in front["tags"]
+    assert f"parameters: {sum(p.numel() for p in model.parameters()):,}" in card
+    assert "steps: 12, tokens seen:" in card and "documents: 7 read" in card and "tokenizer: bpe:512" in card
+    assert "validation perplexity" in card and "2 ranks on 1 node(s), cpu, " + backend in card
     sums = dict(
         reversed(line.split("  ", 1)) for line in (serving / "checksums.sha256").read_text().splitlines()
     )

@@ -28,6 +28,12 @@ from trainer.resilience.requeue import cancelled, requeue
 from trainer.resilience.stragglers import BusyTimer
 from trainer.state import LoopContext, TrainState
 
+
+def device_name(device: torch.device) -> str:
+    """What the ranks run on, for the run's record and the exported model card ("NVIDIA H100 80GB HBM3", "cpu")."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 log = logging.getLogger(__name__)
 
 
@@ -125,6 +131,8 @@ def run_training(config: Config, env: DistEnv, heartbeat: Heartbeat, clock: Good
             model=config.model.family_name,
             arch=facts.arch,
             params=facts.n_params,
+            device=device_name(env.device),
+            nodes=env.world_size // max(1, env.local_world_size),
             **origin,
         )
         if resume_point is not None:

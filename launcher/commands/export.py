@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=("bf16", "fp16", "fp32"),
         help="the weights' dtype in the export (default bf16, what serving runs; fp32 keeps the checkpoint's values)",
     )
+    parser.add_argument(
+        "--license", default="other", help="the model card's license (a Hub identifier; default other)"
+    )
+    parser.add_argument("--language", default="en", help="the model card's language (default en)")
     add_trust_argument(parser)
     parser.set_defaults(handler=run)
 
@@ -28,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from trainer.models.export import export
 
-    out = export(args.checkpoint, Path(args.out), args.trust_remote_code, args.dtype)
+    out = export(
+        args.checkpoint, Path(args.out), args.trust_remote_code, args.dtype, args.license, args.language
+    )
     print(out)
     return 0

@@ -1,7 +1,7 @@
 """From a checkpoint of either backend to a Hugging Face model folder that a serving stack takes as it is.
 
 The folder: safetensors shards of at most 5 GB (with their index when there are several) in the chosen dtype,
-`config.json` and `generation_config.json` with the tokenizer's own bos/eos/pad ids and the KV cache on, the
+a `README.md` model card (trainer/models/model_card.py), `config.json` and `generation_config.json` with the tokenizer's own bos/eos/pad ids and the KV cache on, the
 tokenizer (its chat template when the run had one; a pad token; the model's context as `model_max_length`; only
 the inputs a causal LM takes), `llm_training.json` (step, absolute data path) and `checksums.sha256` over every
 file. It appears at `--out` whole or not at all (written to a temporary sibling, then renamed), readable by other
@@ -23,6 +23,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from trainer.errors import UserError
 from trainer.models.load import TRAINING_INFO, load_any
+from trainer.models.model_card import model_card, run_folder
 from trainer.models.pretrained import context_length
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,10 @@ MAX_SHARD_SIZE = "5GB"
 CHECKSUMS = "checksums.sha256"
 
 
-def export(path: str | Path, out: Path, trust_remote_code: bool = False, dtype: str = "bf16") -> Path:
+def export(
+    path: str | Path, out: Path, trust_remote_code: bool = False, dtype: str = "bf16", license: str = "other",
+    language: str = "en",
+) -> Path:  # fmt: skip
     """Write the model folder described in the module docstring into `out`, atomically."""
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -54,6 +58,8 @@ def export(path: str | Path, out: Path, trust_remote_code: bool = False, dtype: 
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         data_path = str(Path(loaded.data_path).resolve()) if loaded.data_path else None
         (tmp / TRAINING_INFO).write_text(json.dumps({"step": loaded.step, "data_path": data_path}))
+        card = model_card(model, run_folder(Path(path)), loaded.step, data_path, dtype, license, language)
+        (tmp / "README.md").write_text(card)
         write_checksums(tmp)
         make_readable(tmp)
         if out.exists():
@@ -71,6 +77,7 @@ def serving_tokenizer(tokenizer_dir: Path, positions: int):  # noqa: ANN201 (a t
     GPT-2), and the model's context as its maximum length."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    tokenizer.init_kwargs["model_input_names"] = tokenizer.model_input_names  # what save_pretrained writes
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.model_max_length = positions
