@@ -220,7 +220,8 @@ def test_resume_with_another_backend_is_refused(straight, demo_dataset, tmp_path
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_export_round_trip_through_transformers(backend, straight, tmp_path, capsys):
-    """fp32: the trainer's logits exactly (1e-5). The default bf16 folder, as a serving user takes it: bf16
+    """fp32: the trainer's logits exactly (1e-5), from either backend. The default bf16 folder, as a serving user
+    takes it (from FSDP's checkpoint: what follows the loading is the same for both): bf16
     weights within 2e-2 of the trainer's logits; the tokenizer's own end, start and pad ids in config.json and
     generation_config.json (not GPT-2's 50256), the KV cache on, no token type ids, the model's context as
     model_max_length, plain `generate(**tokenizer(text))` working and stopping at the end token; an absolute
@@ -250,7 +251,8 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     with torch.no_grad():
         expected, got = trainer_model(inputs["input_ids"]).logits, hf_model(inputs["input_ids"]).logits
     assert vocab == seq_len and torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
-
+    if backend == "deepspeed":
+        return  # from here on the folder is written from the loaded model, the same for both backends
     assert cli_main(["eval", str(straight[backend]), "--batches", "2"]) == 0  # the card's final perplexity
     assert cli_main(["export", str(straight[backend]), "--out", str(serving)]) == 0
     model = AutoModelForCausalLM.from_pretrained(serving, dtype="auto").eval()  # the weights as stored

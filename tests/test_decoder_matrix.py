@@ -42,6 +42,7 @@ DECODERS: dict[str, tuple[str, dict]] = {
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
 }
 """name -> (model_type, what its config sets beyond COMMON)."""
+BACKENDS = ("fsdp", "deepspeed")
 
 
 @pytest.fixture(scope="module")
@@ -56,20 +57,23 @@ def model_folders(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
-def test_every_decoder_family_starts_trains_and_saves(backend, model_folders, demo_dataset, tmp_path):
-    """Over 60 s for DeepSpeed: one launch of 2 ranks trains all 11 models in turn (one launch per model would
-    cost a process start-up each)."""
+def test_every_decoder_family_starts_trains_and_saves_under_both_backends(
+    model_folders, demo_dataset, tmp_path
+):
+    """Over 60 s: one launch of 2 ranks trains all 11 models in turn under FSDP2, then under ZeRO-3 (one launch
+    per model and backend would cost a process start-up each)."""
     script = Path(__file__).with_name("decoder_matrix.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(script), str(model_folders), str(demo_dataset.path), str(tmp_path), backend]  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+               str(model_folders), str(demo_dataset.path), str(tmp_path), ",".join(BACKENDS)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    trained = [name for name in DECODERS if (tmp_path / name / "metrics.jsonl").is_file()]
+    trained = sorted(str(p.parent.relative_to(tmp_path)) for p in tmp_path.glob("*/*/metrics.jsonl"))
     assert result.returncode == 0, (trained, result.stderr[-3000:])
-    for name in DECODERS:
-        records = read_metrics(tmp_path / name)
-        losses = [r["loss"] for r in records if "loss" in r]
-        assert records[0]["world_size"] == 2 and records[-1]["event"] == "done", name
-        assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), (name, losses)
-        assert newest_valid_step(tmp_path / name / "checkpoints").step == 2, name
+    for backend in BACKENDS:
+        for name in DECODERS:
+            records = read_metrics(tmp_path / backend / name)
+            losses = [r["loss"] for r in records if "loss" in r]
+            assert records[0]["world_size"] == 2 and records[0]["backend"] == backend, (backend, name)
+            assert records[-1]["event"] == "done", (backend, name)
+            assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), (backend, name, losses)
+            assert newest_valid_step(tmp_path / backend / name / "checkpoints").step == 2, (backend, name)

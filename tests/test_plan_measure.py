@@ -27,13 +27,17 @@ reduce-scatter of its own for them) stages in more temporary memory than NCCL an
 bf16 comparison belongs on a GPU (bench/gpu.py)."""
 
 
-def _cells(world_size: int, shapes_per_family: int) -> list[dict]:
-    """Every family's first `shapes_per_family` shapes, with checkpointing at micro batch 1 and without at micro
-    batch 4, of a global batch of 4 per rank (accumulation 4 and 1)."""
+COMBINATIONS = (("true", 1), ("false", 4))
+"""(activation checkpointing, micro batch): each value of both, in two runs."""
+
+
+def _cells(world_size: int, shapes_per_family: int, combinations: int) -> list[dict]:
+    """Every family's first `shapes_per_family` shapes, with the first `combinations` of COMBINATIONS, of a
+    global batch of 4 per rank (accumulation 4 at micro batch 1, 1 at 4)."""
     cells = []
     for arch, shapes in SHAPES.items():
         for shape in shapes[:shapes_per_family]:
-            for checkpointing, micro in (("true", 1), ("false", 4)):
+            for checkpointing, micro in COMBINATIONS[:combinations]:
                 overrides = ["run.dir=x", "data.path=x", f"model.arch={arch}", *shape, f"model.seq_len={SEQ_LEN}",
                              "train.precision=fp32", f"model.activation_checkpointing={checkpointing}",
                              f"train.micro_batch_size={micro}", f"train.global_batch_size={4 * world_size}",
@@ -42,14 +46,16 @@ def _cells(world_size: int, shapes_per_family: int) -> list[dict]:
     return cells
 
 
-@pytest.mark.parametrize(("world_size", "shapes_per_family"), [(2, 3), (4, 1)])
-def test_the_fake_step_measures_what_the_real_step_holds(world_size, shapes_per_family, tmp_path):
-    """GPT-2 and Llama at three shapes on 2 ranks (one on 4), activation checkpointing on and off, micro batches 1
-    and 4 (accumulation 4 and 1): rank 0's peak in forward/backward and each category there on fake tensors within 5% of the same
+@pytest.mark.parametrize(("world_size", "shapes_per_family", "combinations"), [(2, 3, 2), (4, 1, 1)])
+def test_the_fake_step_measures_what_the_real_step_holds(
+    world_size, shapes_per_family, combinations, tmp_path
+):
+    """GPT-2 and Llama at three shapes on 2 ranks, activation checkpointing on and off, micro batches 1 and 4
+    (accumulation 4 and 1); on 4 ranks one shape each, with checkpointing at micro batch 1: rank 0's peak in forward/backward and each category there on fake tensors within 5% of the same
     step's on real tensors, on `world_size` gloo ranks (one launch runs every cell in turn). The whole step's
     peak too, where forward/backward holds it: the CPU's fused AdamW allocates temporaries that CUDA's single
     kernel (and its fake-tensor rule) does not, so the update's own peak is compared on a GPU (bench/gpu.py)."""
-    cells = _cells(world_size, shapes_per_family)
+    cells = _cells(world_size, shapes_per_family, combinations)
     (tmp_path / "cells.json").write_text(json.dumps(cells))
     probe = Path(__file__).with_name("measure_probe.py")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
