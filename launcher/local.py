@@ -27,11 +27,13 @@ def free_port() -> int:
 
 
 def launch_local(
-    nproc: int, trainer_args: list[str], grace_s: float = 10.0, nodes: int = 1, distribution: str = "block"
-) -> int:
+    nproc: int, trainer_args: list[str], grace_s: float = 10.0, nodes: int = 1, distribution: str = "block",
+    module: str = "trainer.main",
+) -> int:  # fmt: skip
     """`nproc` ranks on this machine; with `nodes` > 1 they are split into that many "nodes" of nproc / nodes
     ranks each (their GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE), to try multi-node layouts such as hybrid
-    sharding. `distribution` numbers them as srun's option does: block (node by node) or cyclic (round robin)."""
+    sharding. `distribution` numbers them as srun's option does: block (node by node) or cyclic (round robin).
+    Each rank runs `python -m MODULE TRAINER_ARGS` (the trainer's entry point; the tests' probes)."""
     port = free_port()
     envs = []
     per_node = nproc // nodes
@@ -49,7 +51,7 @@ def launch_local(
         )
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         envs.append(env)
-    procs, private = _start_ranks(envs, trainer_args)
+    procs, private = _start_ranks(envs, trainer_args, module)
 
     def forward(signum: int, frame: object) -> None:
         for proc in procs:
@@ -72,12 +74,12 @@ def launch_local(
 
 
 def _start_ranks(
-    envs: list[dict[str, str]], trainer_args: list[str]
+    envs: list[dict[str, str]], trainer_args: list[str], module: str
 ) -> tuple[list[ForkedRank], RankServer | None]:
     """The ranks, forked by the shared rank server when it can serve this launch, else by a private one."""
     shared = shared_server()
-    if shared is not None and (first := shared.start_rank("trainer.main", trainer_args, envs[0])) is not None:
-        rest = [shared.start_rank("trainer.main", trainer_args, env) for env in envs[1:]]
+    if shared is not None and (first := shared.start_rank(module, trainer_args, envs[0])) is not None:
+        rest = [shared.start_rank(module, trainer_args, env) for env in envs[1:]]
         if all(rest):
             return [first, *rest], None
         raise RuntimeError("the shared rank server stopped serving in the middle of a launch")
@@ -86,7 +88,7 @@ def _start_ranks(
             f"llm-train: the shared rank server cannot serve this launch: {shared.refusal}", file=sys.stderr
         )
     private = RankServer.start()
-    ranks = [private.start_rank("trainer.main", trainer_args, env) for env in envs]
+    ranks = [private.start_rank(module, trainer_args, env) for env in envs]
     if not all(ranks):
         private.close()
         raise RuntimeError("the rank server refused a rank of its own launcher")

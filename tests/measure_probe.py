@@ -2,7 +2,7 @@
 runs the same tracked training step on real tensors (launcher/plan_measure.py `track_step`), for each cell in
 turn; rank 0 writes the measured peaks, by category, as JSON.
 
-usage: torchrun --nproc-per-node N tests/measure_probe.py CELLS.json OUT.json
+usage: python -m tests.measure_probe CELLS.json OUT.json, on every rank (launcher.local.launch_local starts them)
 """
 
 from __future__ import annotations

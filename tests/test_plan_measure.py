@@ -4,14 +4,11 @@ command as a user runs it."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launcher.cli import main as cli_main
+from launcher.local import launch_local
 from launcher.plan_measure import CATEGORIES, measure_step
 from trainer.config import load_config
 
@@ -57,12 +54,10 @@ def test_the_fake_step_measures_what_the_real_step_holds(
     kernel (and its fake-tensor rule) does not, so the update's own peak is compared on a GPU (bench/gpu.py)."""
     cells = _cells(world_size, shapes_per_family, combinations)
     (tmp_path / "cells.json").write_text(json.dumps(cells))
-    probe = Path(__file__).with_name("measure_probe.py")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world_size),
-               str(probe), str(tmp_path / "cells.json"), str(tmp_path / "real.json")]  # fmt: skip
-    result = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Forked from the suite's rank server (torch already imported), as `llm-train train --nproc` starts ranks.
+    code = launch_local(world_size, [str(tmp_path / "cells.json"), str(tmp_path / "real.json")],
+                        module="tests.measure_probe")  # fmt: skip
+    assert code == 0, f"the real-tensor probe exited {code}"
     real = json.loads((tmp_path / "real.json").read_text())
     for cell, measured in zip(cells, real, strict=True):
         config = load_config("tiny", cell["overrides"])
