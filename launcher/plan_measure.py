@@ -108,6 +108,11 @@ def text_batch(micro_batch_size: int, seq_len: int, vocab_size: int) -> dict[str
     return {"input_ids": torch.randint(0, vocab_size, (micro_batch_size, seq_len))}
 
 
+class NotMeasurable(Exception):
+    """The model's step cannot run on fake tensors (an op whose output shape depends on the data, such as a
+    mixture of experts' routing): the formula's figures stand."""
+
+
 def measure_step(
     config: Config, vocab_size: int, seq_len: int, world_size: int, gpus_per_node: int, shard_group: int,
     micro_batch_size: int | None = None, grad_accum: int | None = None,
@@ -117,7 +122,12 @@ def measure_step(
     machine's devices). `micro_batch_size`/`grad_accum` replace the run's (the search for the largest micro
     batch uses 1 micro batch a step: FSDP2 holds only gradient shards between micro batches)."""
     import torch.distributed as dist
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import (
+        DataDependentOutputException,
+        DynamicOutputShapeException,
+        FakeTensorMode,
+        UnsupportedOperatorException,
+    )
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from trainer.config import batch_plan
@@ -135,12 +145,14 @@ def measure_step(
     env = DistEnv(0, world_size, 0, min(gpus_per_node, world_size), "127.0.0.1", 0)
     train = replace(config.train, compile=False)  # the compiled graph keeps what the eager one keeps
     measured_config = replace(config, train=train, parallel=replace(config.parallel, shard=str(shard_group)))
+    source = ModelSource(recipe, model_config(config.model, vocab_size, seq_len), None)  # user errors here
     dist.init_process_group("fake", rank=0, world_size=world_size, store=FakeStore())
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
-            source = ModelSource(recipe, model_config(config.model, vocab_size, seq_len), None)
             backend = FSDPBackend(measured_config, source, plan, env, weights=False)
             return track_step(backend, text_batch(micro, seq_len, vocab_size), accum)
+    except (DataDependentOutputException, DynamicOutputShapeException, UnsupportedOperatorException) as error:
+        raise NotMeasurable(f"{type(error).__name__}: {error}") from error
     finally:
         dist.destroy_process_group()
 

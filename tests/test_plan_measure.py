@@ -96,3 +96,20 @@ def test_plan_measure_reports_the_peak_by_category_beside_the_formula_and_the_la
     assert all(f" {category} " in text for category in CATEGORIES)
     assert cli_main([*args, "parallel.backend=deepspeed", "--measure"]) == 0
     assert "DeepSpeed's engine does not run on fake tensors" in capsys.readouterr().out
+
+
+def test_a_model_whose_step_depends_on_the_data_falls_back_to_the_formula(tmp_path, capsys):
+    """A mixture of experts routes tokens by value (`nonzero`), which fake tensors cannot follow: one line says
+    so and the formula's plan stands (exit 0), instead of a traceback."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(
+        "qwen2_moe", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=64,
+    ).save_pretrained(tmp_path / "moe")  # fmt: skip
+    args = ["plan", "tiny", "run.dir=x", "data.path=/nonexistent", "model.arch=hf", "model.size=null",
+            f"model.hf_config={tmp_path / 'moe'}", "model.seq_len=128", "--nodes", "1", "--gpus-per-node", "2"]  # fmt: skip
+    assert cli_main([*args, "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "memory/GPU" in out and "measured     none: this model's step does not run on fake tensors" in out

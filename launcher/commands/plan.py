@@ -61,7 +61,7 @@ def _measured(
 ) -> tuple[dict, list[str]]:
     """--measure and --max-micro-batch: their JSON fields and lines."""
     from launcher.plan import plan_inputs, usable_bytes
-    from launcher.plan_measure import compare_lines, largest_micro_batch, measure_step
+    from launcher.plan_measure import NotMeasurable
 
     if config.parallel.backend == "deepspeed":
         line = (
@@ -72,6 +72,21 @@ def _measured(
     world, room = args.nodes * args.gpus_per_node, usable_bytes(args.gpu)
     fields: dict = {}
     lines: list[str] = []
+    try:
+        _measure(config, args, formula, shard_group, vocab, seq_len, world, room, fields, lines)
+    except NotMeasurable as error:
+        fields |= {"measured": None, "not_measurable": str(error).splitlines()[0]}
+        lines.append(f"measured     none: this model's step does not run on fake tensors "
+                     f"({str(error).splitlines()[0]}); the formula's figures stand")  # fmt: skip
+    return fields, lines
+
+
+def _measure(
+    config: Config, args: argparse.Namespace, formula: dict[str, int], shard_group: int, vocab: int,
+    seq_len: int, world: int, room: float, fields: dict, lines: list[str],
+) -> None:  # fmt: skip
+    from launcher.plan_measure import compare_lines, largest_micro_batch, measure_step
+
     if args.measure:
         step = measure_step(config, vocab, seq_len, world, args.gpus_per_node, shard_group)
         fields["measured"] = step.to_dict()
@@ -91,4 +106,3 @@ def _measured(
         tried = ", ".join(f"{step.micro_batch_size}: {step.peak / 1e9:.1f} GB" for step in steps)
         lines.append(f"micro batch  largest that fits a {args.gpu} ({room / 1e9:.1f} GB usable) by measured peak: "
                      f"{largest or 'none'} (tried {tried})")  # fmt: skip
-    return fields, lines

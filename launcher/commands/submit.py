@@ -68,12 +68,15 @@ def _fit_warning(config: Any, profile: Any) -> str | None:
     if not profile.gpus_per_node or profile.gpu is None or config.parallel.backend != "fsdp":
         return None
     from launcher.plan import plan_for_config, plan_inputs, usable_bytes
-    from launcher.plan_measure import measure_step
+    from launcher.plan_measure import NotMeasurable, measure_step
 
     plan, _ = plan_for_config(config, profile.nodes, profile.gpus_per_node, profile.gpu)
     vocab, seq_len, _ = plan_inputs(config)
     world = profile.nodes * profile.gpus_per_node
-    step = measure_step(config, vocab, seq_len, world, profile.gpus_per_node, plan.shard_group)
+    try:
+        step = measure_step(config, vocab, seq_len, world, profile.gpus_per_node, plan.shard_group)
+    except NotMeasurable:
+        return None  # a mixture of experts' routing: the plan's formula is all there is
     room = usable_bytes(profile.gpu)
     if step.peak <= room:
         return None
