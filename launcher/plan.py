@@ -76,6 +76,9 @@ class Plan:
     tokens_per_s: float
     wall_time_s: float
     gpu_hours: float
+    vocab_size: int = 0
+    seq_len: int = 0
+    """The vocabulary and sequence length the figures use (the config's, its dataset's or assumed)."""
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +125,7 @@ def make_plan(config: Config, vocab_size: int, seq_len: int, nodes: int, gpus_pe
         activations_with_checkpointing=with_, largest_micro_batch=largest, flops_per_step=flops_per_step, mfu=mfu,
         step_time_s=step_time, tokens_per_s=batch.global_batch_size * seq_len / step_time,
         wall_time_s=step_time * config.train.max_steps, gpu_hours=step_time * config.train.max_steps * world / 3600,
+        vocab_size=vocab_size, seq_len=seq_len,
     )  # fmt: skip
     plan.warnings = _warnings(config, plan, usable, fixed, nodes, gpus_per_node)
     return plan

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.run_status import check_run_dir, read_records
+from launcher.run_status import check_run_dir
 from trainer.atomic import atomic_write_bytes
 from trainer.errors import UserError
 from trainer.names import unique_names
+from trainer.run_records import read_records
 
 MARKED_EVENTS = ("preempted", "requeued", "resume", "rollback", "nonfinite", "spike")
 EVENT_STYLES = {

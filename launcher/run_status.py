@@ -22,6 +22,7 @@ from trainer.errors import UserError
 from trainer.resilience.failure_record import first_failure
 from trainer.resilience.goodput import format_duration, format_goodput, summarize
 from trainer.resilience.requeue import REQUEUES_FILE
+from trainer.run_records import read_records
 
 RUN_MARKERS = ("config.yaml", "metrics.jsonl", JOBS_FILE)
 ETA_WINDOW = 20  # train lines
@@ -70,22 +71,6 @@ def check_run_dir(path: str | Path) -> Path:
             f"'{path}' is not a run folder (no {', '.join(RUN_MARKERS)}); pass the run.dir of a run"
         )
     return run_dir
-
-
-def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl, skipping a line that is being written."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 def _run_settings(run_dir: Path) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from trainer.config import Config, load_config
 from trainer.distributed import DistEnv, detect_env, distributed
 from trainer.errors import PEER_FAILED_EXIT, UserError
 from trainer.logs import setup_logging
+from trainer.parallel.node_layout import node_of
 from trainer.resilience.failure_record import record_failure
 from trainer.resilience.goodput import GoodputClock, format_goodput, summarize
 from trainer.resilience.heartbeat import Heartbeat, heartbeat_interval
@@ -103,7 +104,8 @@ def start_resource_tracker() -> None:
 def _train(config: Config, env: DistEnv, clock: GoodputClock) -> None:
     """run_training, turning a failure of a multi-rank run into a message that names the culprit."""
     run_dir = Path(config.run.dir)
-    heartbeat = Heartbeat(run_dir, env.rank, env.world_size, heartbeat_interval(config.parallel.timeout_s))
+    interval = heartbeat_interval(config.parallel.timeout_s)
+    heartbeat = Heartbeat(run_dir, env.rank, env.world_size, interval, node_of(env))
     try:
         run_training(config, env, heartbeat, clock)
     except (UserError, NonFiniteLossError):

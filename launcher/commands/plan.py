@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from launcher.plan import DEFAULT_MFU, GPUS
 
 if TYPE_CHECKING:
+    from launcher.plan import Plan
     from trainer.config import Config
 
 
@@ -49,60 +50,49 @@ def run(args: argparse.Namespace) -> int:
     plan, note = plan_for_config(config, args.nodes, args.gpus_per_node, args.gpu, args.mfu)
     result, lines = plan.to_dict(), [format_plan(plan) + note]
     if args.measure or args.max_micro_batch:
-        measured, measured_lines = _measured(config, args, plan.bytes_per_gpu, plan.shard_group)
+        measured, measured_lines = _measured(config, args, plan)
         result |= measured
         lines += measured_lines
     print(json.dumps(result) if args.json else "\n".join(lines))
     return 0
 
 
-def _measured(
-    config: Config, args: argparse.Namespace, formula: dict[str, int], shard_group: int
-) -> tuple[dict, list[str]]:
+def _measured(config: Config, args: argparse.Namespace, plan: Plan) -> tuple[dict, list[str]]:
     """--measure and --max-micro-batch: their JSON fields and lines."""
-    from launcher.plan import plan_inputs, usable_bytes
-    from launcher.plan_measure import NotMeasurable
+    from launcher.plan import usable_bytes
+    from launcher.plan_measure import NotMeasurable, compare_lines, largest_micro_batch, measure_step
 
     if config.parallel.backend == "deepspeed":
         line = (
             "measured     none: DeepSpeed's engine does not run on fake tensors; the formula's figures stand"
         )
         return {"measured": None}, [line]
-    vocab, seq_len, _ = plan_inputs(config)
-    world, room = args.nodes * args.gpus_per_node, usable_bytes(args.gpu)
+    shape = (config, plan.vocab_size, plan.seq_len, args.nodes * args.gpus_per_node, args.gpus_per_node,
+             plan.shard_group)  # fmt: skip
+    room = usable_bytes(args.gpu)
     fields: dict = {}
     lines: list[str] = []
     try:
-        _measure(config, args, formula, shard_group, vocab, seq_len, world, room, fields, lines)
+        if args.measure:
+            step = measure_step(*shape)
+            fields["measured"] = step.to_dict()
+            lines += compare_lines(step, plan.bytes_per_gpu)
+            if step.peak > room:
+                lines.append(f"warning      the measured peak {step.peak / 1e9:.1f} GB exceeds the {room / 1e9:.1f} GB a "
+                             f"run may use of a {args.gpu}: lower train.micro_batch_size (--max-micro-batch finds it)")  # fmt: skip
+        if args.max_micro_batch:
+            most = max(1, config.train.global_batch_size // (args.nodes * args.gpus_per_node))
+            largest, steps = largest_micro_batch(*shape, room, most)
+            fields["max_micro_batch"] = largest
+            fields["max_micro_batch_peaks"] = [
+                s.peak for s in sorted(steps, key=lambda s: s.micro_batch_size)
+            ]
+            tried = ", ".join(f"{s.micro_batch_size}: {s.peak / 1e9:.1f} GB" for s in steps)
+            lines.append(f"micro batch  largest that fits a {args.gpu} ({room / 1e9:.1f} GB usable) by measured "
+                         f"peak: {largest or 'none'} (tried {tried})")  # fmt: skip
     except NotMeasurable as error:
-        fields |= {"measured": None, "not_measurable": str(error).splitlines()[0]}
-        lines.append(f"measured     none: this model's step does not run on fake tensors "
-                     f"({str(error).splitlines()[0]}); the formula's figures stand")  # fmt: skip
+        reason = str(error).splitlines()[0]
+        fields |= {"measured": None, "not_measurable": reason}
+        lines.append(f"measured     none: this model's step does not run on fake tensors ({reason}); the formula's "
+                     "figures stand")  # fmt: skip
     return fields, lines
-
-
-def _measure(
-    config: Config, args: argparse.Namespace, formula: dict[str, int], shard_group: int, vocab: int,
-    seq_len: int, world: int, room: float, fields: dict, lines: list[str],
-) -> None:  # fmt: skip
-    from launcher.plan_measure import compare_lines, largest_micro_batch, measure_step
-
-    if args.measure:
-        step = measure_step(config, vocab, seq_len, world, args.gpus_per_node, shard_group)
-        fields["measured"] = step.to_dict()
-        lines += compare_lines(step, formula)
-        if step.peak > room:
-            lines.append(f"warning      the measured peak {step.peak / 1e9:.1f} GB exceeds the {room / 1e9:.1f} GB a "
-                         f"run may use of a {args.gpu}: lower train.micro_batch_size (--max-micro-batch finds it)")  # fmt: skip
-    if args.max_micro_batch:
-        most = max(1, config.train.global_batch_size // world)
-        largest, steps = largest_micro_batch(
-            config, vocab, seq_len, world, args.gpus_per_node, shard_group, room, most
-        )
-        fields["max_micro_batch"] = largest
-        fields["max_micro_batch_peaks"] = [
-            step.peak for step in sorted(steps, key=lambda s: s.micro_batch_size)
-        ]
-        tried = ", ".join(f"{step.micro_batch_size}: {step.peak / 1e9:.1f} GB" for step in steps)
-        lines.append(f"micro batch  largest that fits a {args.gpu} ({room / 1e9:.1f} GB usable) by measured peak: "
-                     f"{largest or 'none'} (tried {tried})")  # fmt: skip

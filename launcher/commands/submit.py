@@ -67,14 +67,15 @@ def _fit_warning(config: Any, profile: Any) -> str | None:
     tensors, FSDP2 runs only) exceeds what a run may use of the profile's GPU; None when it fits or is unknown."""
     if not profile.gpus_per_node or profile.gpu is None or config.parallel.backend != "fsdp":
         return None
-    from launcher.plan import plan_for_config, plan_inputs, usable_bytes
+    from launcher.plan import plan_for_config, usable_bytes
     from launcher.plan_measure import NotMeasurable, measure_step
 
     plan, _ = plan_for_config(config, profile.nodes, profile.gpus_per_node, profile.gpu)
-    vocab, seq_len, _ = plan_inputs(config)
     world = profile.nodes * profile.gpus_per_node
     try:
-        step = measure_step(config, vocab, seq_len, world, profile.gpus_per_node, plan.shard_group)
+        step = measure_step(
+            config, plan.vocab_size, plan.seq_len, world, profile.gpus_per_node, plan.shard_group
+        )
     except NotMeasurable:
         return None  # a mixture of experts' routing: the plan's formula is all there is
     room = usable_bytes(profile.gpu)

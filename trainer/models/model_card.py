@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from trainer.resilience.goodput import summarize
+from trainer.run_records import read_records
 
 MAX_INPUTS_LISTED = 10
 
@@ -30,13 +31,6 @@ def run_folder(path: Path) -> Path | None:
     return None
 
 
-def _records(run_dir: Path | None) -> list[dict[str, Any]]:
-    if run_dir is None:
-        return []
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def _prepared(data_path: str | None) -> dict[str, Any]:
     try:
         return json.loads((Path(data_path) / "prepare.json").read_text()) if data_path else {}
@@ -48,7 +42,7 @@ def model_card(
     model: Any, run_dir: Path | None, step: int | None, data_path: str | None, dtype: str, license: str,
     language: str,
 ) -> str:  # fmt: skip
-    records = _records(run_dir)
+    records = read_records(run_dir) if run_dir else []
     start = next((r for r in records if r.get("event") == "start"), {})
     trained = [r for r in records if "loss" in r and (step is None or r["step"] <= step)]
     validation = [r for r in records if "val_ppl" in r and (step is None or r["step"] <= step)]

@@ -37,24 +37,15 @@ def current_attempt() -> str | None:
     return f"{job}.{os.environ.get('SLURM_RESTART_COUNT') or '0'}" if job else None
 
 
-def node_index() -> int:
-    """This rank's node in the job: torchrun's GROUP_RANK (also set by `llm-train train`), else SLURM's node id."""
-    for name in ("GROUP_RANK", "SLURM_NODEID"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
-
-
 def heartbeat_interval(timeout_s: float) -> float:
     """Often enough to tell a dead rank well inside the collective timeout, rarely enough to cost nothing."""
     return max(0.5, min(5.0, timeout_s / 10))
 
 
 class Heartbeat:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, interval_s: float) -> None:
+    def __init__(self, run_dir: Path, rank: int, world_size: int, interval_s: float, node: int = 0) -> None:
         self.run_dir = run_dir
-        self.folder = run_dir / FOLDER / f"node-{node_index():05d}"
+        self.folder = run_dir / FOLDER / f"node-{node:05d}"
         self.rank, self.world_size, self.interval_s = rank, world_size, interval_s
         self.phase, self.step, self.since = "start-up", 0, time.time()
         self.failure: str | None = None
