@@ -4,7 +4,8 @@ Started as `llm-train train` starts its ranks (torchrun's RANK, WORLD_SIZE, MAST
 builds the model as `run_training` does (`model_source`, `model_facts` of the meta model, `build_backend`),
 once per backend named in --backends, one after the other in the same process group, and writes
 OUT_DIR/BACKEND-rankN.json: the growth of the process's peak resident memory over the construction, the
-files it opened meanwhile (and those of `model_source` alone: reading the weights), and what the backend ended with (training mode, embeddings tied as configured). With
+files it opened meanwhile (and those of reading the weights: `model_source`, and each tensor read from
+init_from's files, whose names it lists), and what the backend ended with (training mode, embeddings tied as configured). With
 --weights, rank 0 also writes the initial state, gathered from the shards, and the non-persistent
 buffers to OUT_DIR/BACKEND-weights.pt.
 
@@ -27,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from trainer.config import Config, batch_plan, load_config  # noqa: E402
 from trainer.distributed import DistEnv, distributed  # noqa: E402
+from trainer.models import weight_files  # noqa: E402
 from trainer.models.attention import choose_attention  # noqa: E402
-from trainer.models.build import ModelRecipe, model_facts  # noqa: E402
+from trainer.models.build import ModelRecipe, decoder_layers, model_facts  # noqa: E402
 from trainer.parallel import Backend, build_backend, model_source  # noqa: E402
 from trainer.train import seed_everything  # noqa: E402
 
@@ -97,6 +99,20 @@ def initial_state(backend: Backend) -> dict[str, torch.Tensor]:
     return state
 
 
+def observe_weight_reads(opened: OpenedFiles, names: list[str], by_reads: list[str]) -> None:
+    """Note every tensor this rank reads from init_from's files (`names`) and the files opened meanwhile."""
+    for reader in (weight_files.DcpWeights, weight_files.SafetensorsWeights):
+
+        def read(self: Any, saved_name: str, _read: Any = reader.read) -> torch.Tensor:
+            before = len(opened.paths)
+            tensor = _read(self, saved_name)
+            names.append(saved_name)
+            by_reads.extend(opened.paths[before:])
+            return tensor
+
+        reader.read = read
+
+
 def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights: bool) -> None:
     vocab_size, seq_len = config.model.vocab_size, config.model.seq_len
     plan = batch_plan(config.train, env.world_size, seq_len)
@@ -112,6 +128,9 @@ def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights:
     rss_before = memory_kib("VmRSS")
     opened.paths.clear()
     opened.recording = True
+    weights_read: list[str] = []
+    opened_by_reads: list[str] = []
+    observe_weight_reads(opened, weights_read, opened_by_reads)
     source = model_source(recipe, env)
     opened_by_source = list(opened.paths)
     meta = source.meta()
@@ -129,12 +148,14 @@ def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights:
         "hwm_after_kib": hwm_after,
         "hwm_model_kib": engine_start.get("hwm_model_kib", hwm_after),
         "fp32_model_bytes": 4 * sum(param.numel() for param in meta.parameters()),
+        "fp32_layer_bytes": 4 * sum(param.numel() for param in decoder_layers(meta)[0].parameters()),
+        "weights_read": weights_read,
         "n_params": facts.n_params,
         "training": module.training,
         "tied": (module.get_output_embeddings().weight is module.get_input_embeddings().weight)
         == module.config.tie_word_embeddings,
         "opened": opened.paths,
-        "opened_by_source": opened_by_source,
+        "opened_by_source": opened_by_source + opened_by_reads,
     }
     state = initial_state(backend) if weights else {}
     if state:

@@ -37,6 +37,7 @@ from trainer.resilience.fault_injection import (
     STALL_ENV,
 )
 
+HOOKS = str(Path(__file__).resolve().parent / "rank_hooks")
 TIMEOUT_S = 20
 STALL_TIMEOUT_S = 12  # waited out in full by the stall test
 NAN_BATCH = 4  # the global batch of step 5 (0-based draw order)
@@ -233,6 +234,9 @@ def test_a_read_that_keeps_failing_stops_the_run_to_be_requeued_not_as_a_user_er
 
 # --- non-finite losses -----------------------------------------------------------------------------
 
+SLOW_CHECKSUM_S = 2
+ROLLBACK_TIMEOUT_S = 10
+"""A rollback's checkpoint (9 files) checked on one rank would keep the others waiting 18 s > 10 s."""
 NAN_RUN = [
     "train.max_steps=8",
     "checkpoint.every_steps=3",
@@ -277,11 +281,19 @@ def test_skip_batch_and_rollback_equal_a_run_that_never_saw_the_batch(
     mode, backend, never_saw_the_batch, demo_dataset, tmp_path, monkeypatch
 ):
     """skip_batch reads each step's loss at once; rollback logs every other step here, so that step 5's
-    report is read a step late (after step 6 trained) and the rollback must undo step 6 as well."""
+    report is read a step late (after step 6 trained) and the rollback must undo step 6 as well.
+
+    FSDP's rollback runs on a slow filesystem: each checksum takes 2 s longer (a test hook), so that checking
+    the step's 9 files on one rank takes 18 s while the other ranks wait in a collective that times out after
+    10 (parallel.timeout_s). The ranks check a share each, and the rollback completes."""
     monkeypatch.setenv(NAN_AT_BATCH_ENV, str(NAN_BATCH))
     extra = [*NAN_RUN, f"parallel.backend={backend}", f"train.on_nonfinite={mode}"]
     if mode == "rollback":
         extra.append("log.every_steps=2")
+    if (mode, backend) == ("rollback", "fsdp"):
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])))
+        monkeypatch.setenv("LLM_TEST_SLOW_CHECKSUMS", str(SLOW_CHECKSUM_S))
+        extra.append(f"parallel.timeout_s={ROLLBACK_TIMEOUT_S}")
     records = train(tmp_path, demo_dataset.path, nproc=2, overrides=extra)
     events = [r for r in records if r.get("event") in ("nonfinite", "rollback")]
     assert events[0]["event"] == "nonfinite"

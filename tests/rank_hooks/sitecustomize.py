@@ -104,6 +104,22 @@ if _checksums:
 
     trainer.checkpoint.manifest.file_checksum = _observed_file_checksum
 
+# LLM_TEST_SLOW_CHECKSUMS=SECONDS: every checksum computed to verify a checkpoint takes SECONDS longer (a
+# checkpoint on a slow shared filesystem, at a scale where reading all of it takes minutes).
+_slow_checksums = float(os.environ.get("LLM_TEST_SLOW_CHECKSUMS", "0") or 0)
+if _slow_checksums:
+    import time
+
+    import trainer.checkpoint.manifest
+
+    _unslowed_checksum = trainer.checkpoint.manifest.file_checksum
+
+    def _slow_file_checksum(path, _seconds=_slow_checksums):
+        time.sleep(_seconds)
+        return _unslowed_checksum(path)
+
+    trainer.checkpoint.manifest.file_checksum = _slow_file_checksum
+
 # LLM_TEST_HOST_SYNCS=PREFIX:FIRST:LAST: each rank writes PREFIX.rankN.json listing every conversion of a
 # tensor to a host value (item, float, int, bool, cpu, tolist, numpy) made by the training thread from the
 # start of step FIRST to the start of step LAST + 1, with where it was made. The one read that is meant to

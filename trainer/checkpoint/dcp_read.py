@@ -169,6 +169,13 @@ def load_model_state(folder: Path, prefix: str = MODEL_PREFIX) -> dict[str, torc
             template[key] = None  # a non-tensor entry, read by _PlainDataPlanner.load_bytes
     if not template:
         raise UserError(f"{folder} holds no '{prefix}*' entries; it is not a model checkpoint of llm-train")
+    read_entries(folder, template)
+    return {key[len(prefix) :]: value for key, value in template.items()}
+
+
+def read_entries(folder: Path, template: dict[str, Any]) -> None:
+    """Fill `template` ({key: a tensor of the entry's shape and dtype, or None}) with those entries of the DCP
+    folder, in this process: only their byte ranges are read, non-tensor entries as plain data only."""
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(
@@ -177,4 +184,3 @@ def load_model_state(folder: Path, prefix: str = MODEL_PREFIX) -> dict[str, torc
             planner=_PlainDataPlanner(flatten_state_dict=False),
             no_dist=True,
         )
-    return {key[len(prefix) :]: value for key, value in template.items()}

@@ -66,37 +66,13 @@ class RunCheckpoints:
         return self._agreed(lambda failed: self._choose(setting, failed))
 
     def _agreed(self, pick: Callable[[dict[Path, str]], ResumePoint | str | None]) -> ResumePoint | None:
-        """Rank 0's `pick(failed)` (a step, None, or a problem to raise), the same on every rank (with the run
-        id), checksummed by every rank a share each; a file that does not match sends rank 0 on to its next
-        pick, with a warning."""
-        failed: dict[Path, str] = {}
-        while True:
-            choice: list[Any] = [None, None]
-            if self.env.is_main:
-                choice = [pick(failed), self.run_id]
-            if dist.is_initialized():
-                dist.broadcast_object_list(choice, src=0)
-            self._run_id, point = choice[1], choice[0]
-            if isinstance(point, str):
-                raise UserError(point)
-            if point is None:
-                return None
-            problem = self._checksum_together(point)
-            if problem is None:
-                return point
-            log.warning("skipping checkpoint %s: %s", point.step_dir, problem)
-            failed[point.step_dir] = problem
-
-    def _checksum_together(self, point: ResumePoint) -> str | None:
-        """Checksum this rank's share of the step's files; the first problem any rank found, or None."""
-        files = point.manifest["files"]
-        share = sorted(files)[self.env.rank :: self.env.world_size]
-        problem = check_files(point.step_dir, {name: files[name] for name in share})
-        problems = [problem]
-        if dist.is_initialized() and self.env.world_size > 1:
-            problems = [None] * self.env.world_size
-            dist.all_gather_object(problems, problem)
-        return next((found for found in problems if found is not None), None)
+        """`agreed_point` of rank 0's `pick`, and rank 0's run id on every rank."""
+        point = agreed_point(self.env, pick)
+        shared = [self.run_id if self.env.is_main else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(shared, src=0)
+        self._run_id = shared[0]
+        return point
 
     def newest_complete(self) -> ResumePoint | None:
         """The newest verified checkpoint of this run (a rollback's target), the same on every rank: rank 0
@@ -177,6 +153,41 @@ class RunCheckpoints:
         """Whether `point` is one of this run's checkpoints (rather than another run's)."""
         inside = point.step_dir.absolute().is_relative_to(self.root.absolute())
         return inside and belongs_to_run(point.manifest, self._run_id, config_hash(self.config))
+
+
+def agreed_point(
+    env: DistEnv, pick: Callable[[dict[Path, str]], ResumePoint | str | None]
+) -> ResumePoint | None:
+    """Rank 0's `pick(failed)` (a step, None, or a problem to raise as a UserError), the same on every rank,
+    checksummed by every rank a share each (each file once in all); a file that does not match sends rank 0
+    on to its next pick, with a warning. So a checkpoint is read once, spread over the ranks, instead of by
+    rank 0 alone while the others wait in a collective that times out at scale."""
+    failed: dict[Path, str] = {}
+    while True:
+        choice: list[Any] = [pick(failed) if env.is_main else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        point = choice[0]
+        if isinstance(point, str):
+            raise UserError(point)
+        if point is None:
+            return None
+        problem = _checksum_share(env, point)
+        if problem is None:
+            return point
+        log.warning("skipping checkpoint %s: %s", point.step_dir, problem)
+        failed[point.step_dir] = problem
+
+
+def _checksum_share(env: DistEnv, point: ResumePoint) -> str | None:
+    """Checksum this rank's share of the step's files; the first problem any rank found, or None."""
+    files = point.manifest["files"]
+    share = sorted(files)[env.rank :: env.world_size]
+    problems = [check_files(point.step_dir, {name: files[name] for name in share})]
+    if dist.is_initialized() and env.world_size > 1:
+        found, problems = problems[0], [None] * env.world_size
+        dist.all_gather_object(problems, found)
+    return next((problem for problem in problems if problem is not None), None)
 
 
 def requeue_attempt() -> int:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from trainer.config import ModelConfig, model_shape
 from trainer.errors import UserError
+from trainer.models.deferred_init import Recording, record
 from trainer.models.families import FAMILIES, set_dropout
 from trainer.models.families.hf import load_hf_config
 from trainer.models.load import is_hf_folder, model_from_checkpoint, resolve_step_dir
@@ -50,7 +51,13 @@ def model_config(cfg: ModelConfig, vocab_size: int, seq_len: int) -> Any:
 
 
 def build_model(
-    cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str, seed: int, init_from: str | None = None
+    cfg: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    attn: str,
+    seed: int,
+    init_from: str | None = None,
+    verified: bool = False,
 ) -> PreTrainedModel:
     """A full fp32 model on the CPU: initialised from `seed`, or the weights of `init_from` (default
     model.init_from): an exported HF folder, a run folder (its newest complete checkpoint), a checkpoint step
@@ -59,20 +66,30 @@ def build_model(
     torch.manual_seed(seed)
     source = init_from or cfg.init_from
     if source:
-        model = _pretrained(source, cfg, attn)
-        positions = context_length(model.config)
-        if positions < seq_len or model.config.vocab_size < vocab_size:
-            raise UserError(
-                f"model.init_from='{source}' has {positions} positions and vocab_size="
-                f"{model.config.vocab_size}, the data needs {seq_len} and {vocab_size}; prepare the data with "
-                "that model's tokenizer (llm-train prepare --tokenizer FOLDER) and a seq-len it covers"
-            )
+        model = _pretrained(source, cfg, attn, verified)
+        check_fits(model.config, source, vocab_size, seq_len)
     else:
-        config = model_config(cfg, vocab_size, seq_len)
-        model = AutoModelForCausalLM.from_config(
-            config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-        )
+        model = _seeded(cfg, vocab_size, seq_len, attn)
     return _training_ready(model, cfg)
+
+
+def check_fits(config: Any, source: str, vocab_size: int, seq_len: int) -> None:
+    """init_from's model must cover the data's vocabulary and sequence length."""
+    positions = context_length(config)
+    if positions < seq_len or config.vocab_size < vocab_size:
+        raise UserError(
+            f"model.init_from='{source}' has {positions} positions and vocab_size={config.vocab_size}, the data "
+            f"needs {seq_len} and {vocab_size}; prepare the data with that model's tokenizer (llm-train prepare "
+            "--tokenizer FOLDER) and a seq-len it covers"
+        )
+
+
+def _seeded(cfg: ModelConfig, vocab_size: int, seq_len: int, attn: str) -> PreTrainedModel:
+    """A new model of the run's family and shape, initialised from the generator's current state."""
+    config = model_config(cfg, vocab_size, seq_len)
+    return AutoModelForCausalLM.from_config(
+        config, attn_implementation=attn, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
 
 
 def empty_model(hf_config: Any, cfg: ModelConfig, attn: str) -> PreTrainedModel:
@@ -147,9 +164,25 @@ class ModelRecipe:
     attn: str
     seed: int
     init_from: str | None = None
+    verified: bool = False
+    """init_from is a checkpoint step whose files the ranks have checksummed already."""
+
+    @property
+    def loads_weights(self) -> bool:
+        """Whether the weights come from `init_from` rather than the seed."""
+        return bool(self.init_from or self.cfg.init_from)
 
     def full(self) -> PreTrainedModel:
-        return build_model(self.cfg, self.vocab_size, self.seq_len, self.attn, self.seed, self.init_from)
+        return build_model(
+            self.cfg, self.vocab_size, self.seq_len, self.attn, self.seed, self.init_from, self.verified
+        )
+
+    def record(self) -> tuple[PreTrainedModel, Recording]:
+        """The seeded model's construction on the meta device, recorded to be replayed tensor by tensor
+        (trainer/models/deferred_init.py): the same weights as `full()`, never all at once."""
+        torch.manual_seed(self.seed)
+        model, recording = record(lambda: _seeded(self.cfg, self.vocab_size, self.seq_len, self.attn))
+        return _training_ready(model, self.cfg), recording
 
     def import_model_code(self) -> None:
         """Import the model's own code (an `auto_map` of model.hf_config's or init_from's folder, with
@@ -169,11 +202,15 @@ class ModelRecipe:
         return empty_model(hf_config, self.cfg, self.attn)
 
 
-def _pretrained(source: str, cfg: ModelConfig, attn: str) -> PreTrainedModel:
+def _pretrained(source: str, cfg: ModelConfig, attn: str, verified: bool = False) -> PreTrainedModel:
     path = Path(source).expanduser()
     if path.exists() and not is_hf_folder(path):
         model = model_from_checkpoint(
-            resolve_step_dir(path), attn, cfg.dropout, cfg.trust_remote_code, "model.trust_remote_code=true"
+            path if verified else resolve_step_dir(path),
+            attn,
+            cfg.dropout,
+            cfg.trust_remote_code,
+            "model.trust_remote_code=true",
         ).model
     else:
         config = load_hf_config(

@@ -106,7 +106,7 @@ def model_from_checkpoint(
     config: Config = load_config(step_dir / "config.yaml")
     state = full_state_dict(step_dir)
     model_config = config.model if dropout is None else replace(config.model, dropout=dropout)
-    hf_config = _saved_architecture(step_dir, model_config, state)
+    hf_config = saved_architecture(step_dir, model_config, state)
     set_dropout(hf_config, model_config.dropout)
     model = AutoModelForCausalLM.from_config(
         hf_config, attn_implementation=attn, trust_remote_code=trust_remote_code
@@ -125,7 +125,9 @@ def model_from_checkpoint(
     )
 
 
-def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[str, torch.Tensor]) -> Any:
+def saved_architecture(
+    step_dir: Path, model_config: ModelConfig, state: dict[str, torch.Tensor] | None = None
+) -> Any:
     """The checkpoint's `transformers` config; a checkpoint written before model_config.json existed is a
     GPT-2 of the run's shape, its vocabulary and context read from the embeddings."""
     saved = step_dir / MODEL_CONFIG
@@ -134,6 +136,7 @@ def _saved_architecture(step_dir: Path, model_config: ModelConfig, state: dict[s
         if values.get("auto_map"):  # allowed by the caller (refuse_untrusted_code): from the step's copy
             return _own_code_config(step_dir, values)
         return AutoConfig.for_model(values.pop("model_type"), **values)
+    state = state if state is not None else full_state_dict(step_dir)
     vocab_size, _ = state["transformer.wte.weight"].shape
     seq_len = state["transformer.wpe.weight"].shape[0]
     return FAMILIES["gpt2"].make_config(model_config, model_shape(model_config), vocab_size, seq_len)

@@ -98,7 +98,7 @@ class DeepSpeedBackend:
             problem = consecutive_layout_problem(node_major_order(env), config.parallel.shard)
             if problem:
                 raise UserError(problem)
-        model = _partitioned_model(source, ds_config)
+        model = _partitioned_model(source, ds_config, env.device)
         if config.train.compile:
             compile_blocks(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -275,15 +275,15 @@ def _skip_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _partitioned_model(source: ModelSource, ds_config: dict[str, Any]) -> nn.Module:
-    """The model built under `zero.Init`, so that each rank keeps only its partition, with rank 0's weights.
+def _partitioned_model(source: ModelSource, ds_config: dict[str, Any], device: torch.device) -> nn.Module:
+    """The model built under `zero.Init`, so that each rank keeps only its partition, with the initial weights.
 
     zero.Init builds each module in full, broadcasts its parameters from rank 0 and partitions them before
-    the next module; transformers' weight init then runs on emptied partitions and changes nothing, so the
-    values left are the modules' constructor defaults, not the family's init. Rank 0's full model (the seeded
-    init or init_from's weights) replaces them one parameter at a time: GatheredParameters with
-    modifier_rank=0 gathers it, broadcasts rank 0's copy and partitions it again. The weights are then
-    those FSDP starts from, bit for bit.
+    the next module; the family's weight init is skipped (`empty`), so the values left are meaningless. The
+    source's tensors (trainer/parallel/model_source.py: the seeded model replayed on every rank, or rank 0's
+    init_from weights) replace them one parameter at a time: GatheredParameters with modifier_rank=0 gathers
+    it, rank 0 writes the full tensor and partitions it again. The weights are then those FSDP starts from,
+    bit for bit.
 
     The parameters are made in the compute dtype, which zero.Init takes from the config (fp32, or bf16/fp16
     when enabled): the engine casts a plain model's parameters to bf16/fp16 but leaves a zero.Init model's
@@ -295,18 +295,22 @@ def _partitioned_model(source: ModelSource, ds_config: dict[str, Any]) -> nn.Mod
 
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = source.empty()
-    full = source.take_full_state()
-    is_source = dist.get_rank() == 0
-    names = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    if is_source and set(full) != names:
-        raise RuntimeError(
-            f"the full model's state has other names than its parameters: {sorted(set(full) ^ names)}"
-        )
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if is_source:
-                param.data.copy_(full[name])
-    del full
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))  # not partitioned: each rank's whole
+    filled: set[str] = set()
+    for group in source.state(device):
+        name, full = group[0]
+        filled.update(each for each, _ in group)
+        if name in buffers:
+            for each, _ in group:
+                buffers[each].data.copy_(full)
+            continue
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            if dist.get_rank() == 0:
+                params[name].data.copy_(full)
+    expected = params.keys() | buffers.keys()
+    if filled != expected:
+        raise RuntimeError(f"the initial model and the partitioned one differ in {sorted(filled ^ expected)}")
     check_tied(model)
     return model
 

@@ -21,15 +21,14 @@ from torch import nn
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from trainer.atomic import atomic_write_text
 from trainer.config import BatchPlan, Config
@@ -83,19 +82,39 @@ def device_mesh(env: DistEnv, shard_size: int) -> DeviceMesh:
         return DeviceMesh(env.device.type, layout, mesh_dim_names=("replicate", "shard"))
 
 
+@torch.no_grad()
 def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -> None:
-    """Give a model sharded on the meta device its memory and rank 0's weights (torchtitan's meta init).
+    """Give a model sharded on the meta device its memory and the initial weights (torchtitan's meta init).
 
-    Each rank allocates only its shards; rank 0 sends one full tensor at a time and every rank copies its
-    slice, so no rank but 0 ever holds more than its shards and one parameter in full.
+    Each rank allocates only its shards and copies its slice of each tensor the source yields in full, one at
+    a time, so no rank ever holds more than its shards and one tensor in full.
     """
     module.to_empty(device=device)
     if not isinstance(module, FSDPModule):
         module.tie_weights()  # `to_empty` gives each module its own tensor; FSDP's root unit keeps them one
-    source.share_buffers(module)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
-    set_model_state_dict(module, source.take_full_state(), options=options)
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update(module.named_buffers(remove_duplicate=False))
+    filled = set()
+    for group in source.state(device):
+        for name, full in group:
+            _copy_shard(tensors[name], full)
+            filled.add(name)
+    if filled != tensors.keys():
+        raise RuntimeError(
+            f"the initial model has other tensors than the sharded one: {sorted(filled ^ tensors.keys())}"
+        )
     check_tied(module)
+
+
+def _copy_shard(tensor: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of `full` into `tensor` (a DTensor's local shard, or a plain tensor whole)."""
+    if not isinstance(tensor, DTensor):
+        tensor.copy_(full)
+        return
+    shape, offset = compute_local_shape_and_global_offset(full.shape, tensor.device_mesh, tensor.placements)
+    tensor.to_local().copy_(
+        full[tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))]
+    )
 
 
 WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")

@@ -1,0 +1,92 @@
+"""Reading one tensor of a model's saved weights at a time, on any rank: llm-train's own checkpoints (DCP) and
+Hugging Face folders of safetensors files.
+
+A run that starts from saved weights (`model.init_from`) reads each tensor once in all, on the rank that owns
+it, which sends it to the others (trainer/parallel/model_source.py): no rank reads or holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from trainer.checkpoint.dcp_read import MODEL_PREFIX, read_entries, read_metadata
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class WeightFiles(Protocol):
+    def find(self, names: Collection[str]) -> str | None:
+        """The saved name of a tensor known to the model under `names` (a tied one has several), or None."""
+
+    def read(self, saved_name: str) -> torch.Tensor:
+        """The whole tensor, on the CPU, as saved."""
+
+
+class DcpWeights:
+    """The `model.*` entries of a step's DCP folder (FSDP checkpoints), each read on its own: only that
+    entry's byte ranges, in this process, without a process group or code from the folder (dcp_read.py)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._entries = {
+            key[len(MODEL_PREFIX) :]: entry
+            for key, entry in read_metadata(folder).state_dict_metadata.items()
+            if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
+        }
+
+    def find(self, names: Collection[str]) -> str | None:
+        return next((name for name in names if name in self._entries), None)
+
+    def read(self, saved_name: str) -> torch.Tensor:
+        entry = self._entries[saved_name]
+        template = {MODEL_PREFIX + saved_name: torch.empty(entry.size, dtype=entry.properties.dtype)}
+        read_entries(self.folder, template)
+        return template[MODEL_PREFIX + saved_name]
+
+
+class SafetensorsWeights:
+    """A Hugging Face folder's `*.safetensors` (one file, or shards listed in model.safetensors.index.json).
+    A name the model knows is looked up as it is, then without or with the model's base prefix (`model.`),
+    as `from_pretrained` does for a checkpoint of the base model or of the head model."""
+
+    def __init__(self, folder: Path, base_prefix: str) -> None:
+        from safetensors import safe_open
+
+        index = folder / SAFETENSORS_INDEX
+        if index.is_file():
+            files = {key: folder / name for key, name in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            files = {}
+            for path in sorted(folder.glob("*.safetensors")):
+                with safe_open(str(path), framework="pt") as handle:
+                    files.update(dict.fromkeys(handle.keys(), path))
+        self._files = files
+        self._prefix = f"{base_prefix}." if base_prefix else ""
+
+    def find(self, names: Collection[str]) -> str | None:
+        for name in names:
+            candidates = [name]
+            if self._prefix and name.startswith(self._prefix):
+                candidates.append(name[len(self._prefix) :])
+            elif self._prefix:
+                candidates.append(self._prefix + name)
+            found = next((candidate for candidate in candidates if candidate in self._files), None)
+            if found is not None:
+                return found
+        return None
+
+    def read(self, saved_name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[saved_name]), framework="pt") as handle:
+            return handle.get_tensor(saved_name)
+
+
+def has_safetensors(folder: Path) -> bool:
+    return (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors"))
