@@ -9,15 +9,19 @@ init_from's files, whose names it lists), and what the backend ended with (train
 --weights, rank 0 also writes the initial state, gathered from the shards, and the non-persistent
 buffers to OUT_DIR/BACKEND-weights.pt.
 
-usage: python tests/startup_probe.py OUT_DIR --backends=fsdp,deepspeed [--weights] key=value ...
+usage: python -m tests.startup_probe OUT_DIR --backends=fsdp,deepspeed [--weights] [--tmpdir=DIR] key=value ...
+(started by launch_local, as forks of the rank server)
 (overrides on configs/tiny.yaml; model.vocab_size and model.seq_len are required: there is no dataset)
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +168,20 @@ def probe(config: Config, env: DistEnv, opened: OpenedFiles, out: Path, weights:
     dist.barrier()
 
 
+def return_freed_memory() -> None:
+    """glibc gives every allocation above 128 KiB back to the system when it is freed (M_MMAP_THRESHOLD; by
+    default it keeps freed heap memory resident, more or less depending on the timing of the ranks), so that
+    the peak resident memory measures what the code holds."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3: M_MMAP_THRESHOLD
+
+
 def main(argv: list[str]) -> None:
+    return_freed_memory()
     out, weights = Path(argv[0]), "--weights" in argv
+    tmpdir = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--tmpdir=")), None)
+    if tmpdir:  # where temporary files go from here on (a fork of the rank server keeps its environment)
+        os.environ["TMPDIR"] = tmpdir
+        tempfile.tempdir = None
     backends = next(arg for arg in argv if arg.startswith("--backends=")).split("=", 1)[1].split(",")
     overrides = [arg for arg in argv[1:] if not arg.startswith("--")]
     opened = OpenedFiles()

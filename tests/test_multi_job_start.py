@@ -113,24 +113,20 @@ def _assert_each_job_has_a_group_of_its_own(
         assert len(set(numbers)) == jobs, f"round {round_}: jobs share a group: {numbers}"
 
 
-def test_four_jobs_starting_at_one_instant_never_collide_on_shared_memory(tmp_path: Path) -> None:
-    results = run_jobs([1, 1, 1, 1], tmp_path)
-    _assert_each_job_has_a_group_of_its_own(results, jobs=4)
-    for result in results.values():  # unshuffled, one rank: each job's first batch is samples 0 and 1
-        assert result["ids"] == [[0, 1]] * ROUNDS
-
-
-@pytest.mark.parametrize("ranks_per_job", [[2, 2]])
-def test_ranks_of_jobs_starting_together_share_their_own_leaders_group(
-    ranks_per_job: list[int], tmp_path: Path
+def test_jobs_starting_at_one_instant_never_collide_and_their_ranks_share_their_own_leaders_group(
+    tmp_path: Path,
 ) -> None:
-    """Each rank learns the group from its local leader, never from a scan that another job's start can change."""
+    """Four jobs released together, ten times: two of one rank, two of two ranks. Every job gets a group of its
+    own, and each rank learns it from its local leader, never from a scan that another job's start can change."""
+    ranks_per_job = [1, 1, 2, 2]
     results = run_jobs(ranks_per_job, tmp_path)
     _assert_each_job_has_a_group_of_its_own(results, jobs=len(ranks_per_job))
-    for job, ranks in enumerate(ranks_per_job):  # together, a job's ranks read its first global batch
+    for job, ranks in enumerate(
+        ranks_per_job
+    ):  # unshuffled: together, a job's ranks read its first global batch
         for round_ in range(ROUNDS):
             ids = sorted(sum((results[(job, rank)]["ids"][round_] for rank in range(ranks)), []))
-            assert ids == list(range(MICRO_BATCH * ranks))
+            assert ids == list(range(MICRO_BATCH * ranks)), (job, round_, ids)
 
 
 # --- the lost race, in one process --------------------------------------------------------------
