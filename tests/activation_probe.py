@@ -1,14 +1,16 @@
 """Peak activation memory of one training step on the CPU against `llm-train plan`'s estimate, for tests/test_plan.py.
 
-usage: python tests/activation_probe.py gpt2|llama ac|noac   -> prints {"measured": BYTES, "estimate": BYTES}
+usage: python -m tests.activation_probe gpt2|llama ac|noac OUT.json   -> {"measured": BYTES, "estimate": BYTES}
+(started by launch_local, as a fork of the suite's rank server)
 
 One warm-up step allocates the gradients; then VmHWM is reset (Linux clear_refs) and the growth of the peak
-resident memory over a second step is what the step's activations took. Run with MALLOC_MMAP_THRESHOLD_ low, so
+resident memory over a second step is what the step's activations took. glibc's mmap threshold is set low, so
 that freed memory goes back to the system and the peak measures what is held.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import sys
@@ -30,7 +32,8 @@ def _memory(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def main(arch: str, checkpointing: bool) -> None:
+def main(arch: str, checkpointing: bool, out: Path) -> None:
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: frees above 128 KiB go back at once
     shape = (
         ["model.size=tiny"] if arch == "gpt2" else ["model.size=llama-tiny", "model.intermediate_size=704"]
     )
@@ -47,8 +50,8 @@ def main(arch: str, checkpointing: bool) -> None:
     model(input_ids=tokens, labels=tokens).loss.backward()
     measured = _memory("VmHWM:") - before
     estimate = activation_bytes(model_shape_facts(config, VOCAB, SEQ_LEN), SEQ_LEN, MICRO, 4, checkpointing)
-    print(json.dumps({"measured": measured, "estimate": estimate}))
+    out.write_text(json.dumps({"measured": measured, "estimate": estimate}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "ac")
+    main(sys.argv[1], sys.argv[2] == "ac", Path(sys.argv[3]))

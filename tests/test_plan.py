@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import torch
 from trainer_runs import train
 
 from launcher.cli import main as cli_main
+from launcher.local import launch_local
 from launcher.plan import make_plan, model_shape_facts
 from trainer.checkpoint import newest_valid_step
 from trainer.config import load_config
@@ -101,16 +99,14 @@ def test_plan_of_an_invalid_config_exits_2_naming_the_key(capsys):
 
 
 @pytest.mark.parametrize(("arch", "checkpointing"), [("gpt2", "noac"), ("llama", "ac")])
-def test_activation_estimate_is_near_the_measured_cpu_peak(arch, checkpointing):
+def test_activation_estimate_is_near_the_measured_cpu_peak(arch, checkpointing, tmp_path):
     """fp32 on the CPU, a 4 x 256 model, 8 x 256 tokens: within 20% of the peak memory a step adds (measured
     ratios: GPT-2 0.96 without and 0.96 with activation checkpointing, Llama 0.98 and 0.94; the CPU's SDPA keeps
     the s x s probabilities that flash-attn does not, the estimate's bytes per layer are checked alone in
     test_a_layers_activation_bytes_match_what_the_layer_saves). One family each way, to keep the suite short."""
-    probe = Path(__file__).with_name("activation_probe.py")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(probe), arch, checkpointing], env=env, capture_output=True, text=True,
-                            timeout=300, check=True)  # fmt: skip
-    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    out = tmp_path / "measured.json"
+    assert launch_local(1, [arch, checkpointing, str(out)], module="tests.activation_probe") == 0
+    numbers = json.loads(out.read_text())
     assert 0.8 <= numbers["estimate"] / numbers["measured"] <= 1.2, numbers
 
 
