@@ -13,6 +13,11 @@ time `before_update` blocks after one real forward and backward of the model (on
 writers DCP offers (a thread, a process); the forward/backward itself is not stall. The worst case, a
 `before_update` right after `save` with no computation to overlap, is printed too (thread writer).
 
+Then `llm-train export` of the last checkpoint (fp32, --export-shard-size shards), in a process of its own: its
+rate (bytes written per second) against a plain copy of the checkpoint's model folder on the same disk (target
+>= 0.5), and its peak memory growth against the model's size and against one output shard plus the largest
+tensor (what a streamed export may hold).
+
 Usage: .venv/bin/python bench/checkpoint.py [--dir /work/bench-ckpt] [--size gpt2-124m] [--repeats 3]
 """
 
@@ -108,6 +113,7 @@ def main() -> None:
     parser.add_argument("--size", default="gpt2-124m")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train-tokens", type=int, default=256, help="the training step's sequence length")
+    parser.add_argument("--export-shard-size", type=int, default=10**8, help="export's shard limit in bytes")
     args = parser.parse_args()
     root = Path(args.dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -179,8 +185,50 @@ def main() -> None:
     print(f"async save, thread writer, nothing to overlap: stall {alone:.3f} s = {alone / median['save']:.3f}"
           " of a synchronous save")  # fmt: skip
     backend.close()
+    export_figures(newest_valid_step(manager.root).step_dir, root, args.export_shard_size, backend)
     teardown()
     shutil.rmtree(root, ignore_errors=True)
+
+
+EXPORT_SCRIPT = """
+import json, resource, sys, time
+from pathlib import Path
+from trainer.models.export import export
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+export(sys.argv[1], Path(sys.argv[2]), dtype="fp32", max_shard_bytes=int(sys.argv[3]))
+seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": seconds, "peak_growth": after - before}))
+"""
+
+
+def export_figures(step_dir: Path, root: Path, shard_bytes: int, backend: FSDPBackend) -> None:
+    """Time `export` (its own process: its peak memory is its own) against a plain copy of the same checkpoint's
+    model folder, and report its peak memory growth beside the model's size."""
+    import json
+    import subprocess
+
+    params = {id(p): p for p in backend.module.parameters()}.values()
+    model_bytes = sum(p.numel() * 4 for p in params)
+    largest = max(p.numel() * 4 for p in params)
+    copy = root / "plain-copy"
+    drop_page_cache()
+    copy_s = timed(lambda: (shutil.copytree(step_dir / "model", copy), os.sync()))
+    copied = sum(f.stat().st_size for f in copy.rglob("*") if f.is_file())
+    drop_page_cache()
+    out = root / "export"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run([sys.executable, "-c", EXPORT_SCRIPT, str(step_dir), str(out), str(shard_bytes)],
+                            capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    export_rate, copy_rate = written / figures["seconds"], copied / copy_s
+    print(f"export  {written / 1e9:.2f} GB of fp32 safetensors in {len(list(out.glob('*.safetensors')))} shards: "
+          f"{export_rate / 1e9:.2f} GB/s   plain copy of the checkpoint's model folder {copy_rate / 1e9:.2f} GB/s"
+          f"   ratio {export_rate / copy_rate:.2f} (target >= 0.5)")  # fmt: skip
+    print(f"export  peak memory growth {figures['peak_growth'] / 1e6:.0f} MB; model {model_bytes / 1e6:.0f} MB fp32;"
+          f" one shard + the largest tensor {(shard_bytes + largest) / 1e6:.0f} MB (the streamed bound)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def initial_state(backend: Backend) -> dict[str, torch.Tensor]:
 
 def observe_weight_reads(opened: OpenedFiles, names: list[str], by_reads: list[str]) -> None:
     """Note every tensor this rank reads from init_from's files (`names`) and the files opened meanwhile."""
-    for reader in (weight_files.DcpWeights, weight_files.SafetensorsWeights):
+    for reader in (weight_files.DcpWeights, weight_files.DeepSpeedWeights, weight_files.SafetensorsWeights):
 
         def read(self: Any, saved_name: str, _read: Any = reader.read) -> torch.Tensor:
             before = len(opened.paths)

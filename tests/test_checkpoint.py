@@ -9,10 +9,12 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
+from gguf_checks import assert_gguf_follows_the_export
 from trainer_runs import (
     BACKENDS,
     BASE_OVERRIDES,
@@ -218,9 +220,20 @@ def test_resume_with_another_backend_is_refused(straight, demo_dataset, tmp_path
     assert cli_main(["train", "tiny", *args, "--nproc", "2"]) == 2
 
 
+def tensor_bytes(path: Path, count: bool = False) -> Any:
+    """The bytes of the tensors a safetensors file holds (its header aside); with `count`, their names."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        if count:
+            return list(handle.keys())
+        return sum(handle.get_tensor(name).nbytes for name in handle.keys())  # noqa: SIM118
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_export_round_trip_through_transformers(backend, straight, tmp_path, capsys):
-    """fp32: the trainer's logits exactly (1e-5), from either backend. The default bf16 folder, as a serving user
+    """fp32, streamed from either backend's shards into safetensors files of at most 0.2 MB (several, with their
+    index): the trainer's logits exactly (1e-5). The default bf16 folder, as a serving user
     takes it (from FSDP's checkpoint: what follows the loading is the same for both): bf16
     weights within 2e-2 of the trainer's logits; the tokenizer's own end, start and pad ids in config.json and
     generation_config.json (not GPT-2's 50256), the KV cache on, no token type ids, the model's context as
@@ -234,8 +247,24 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     from trainer.models.build import build_model
 
     out, serving = tmp_path / "hf", tmp_path / "serving"
-    assert cli_main(["export", str(straight[backend]), "--out", str(out), "--dtype", "fp32"]) == 0
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    export = [
+        "export",
+        str(straight[backend]),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--max-shard-size",
+        "0.2MB",
+    ]
+    assert cli_main(export) == 0
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and set(index["weight_map"].values()) == {shard.name for shard in shards}
+    assert all(tensor_bytes(shard) <= 0.2e6 or len(tensor_bytes(shard, count=True)) == 1 for shard in shards)
     hf_model = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     # The trainer's own model, built as training builds it, holding the checkpoint's tensors.
@@ -299,6 +328,62 @@ def test_export_round_trip_through_transformers(backend, straight, tmp_path, cap
     assert all(
         hashlib.sha256((serving / name).read_bytes()).hexdigest() == digest for name, digest in sums.items()
     )
+
+
+def test_export_writes_gguf_files_that_transformers_runs_as_the_export(straight, tmp_path):
+    """--gguf f16 and q8_0 (GPT-2): see tests/gguf_checks.py for what is compared."""
+    out = tmp_path / "gguf"
+    export = [
+        "export",
+        str(straight["fsdp"]),
+        "--out",
+        str(out),
+        "--dtype",
+        "fp32",
+        "--gguf",
+        "f16",
+        "--gguf",
+        "q8_0",
+    ]
+    assert cli_main(export) == 0
+    sums = (out / "checksums.sha256").read_text()
+    assert "model-f16.gguf" in sums and "model-q8_0.gguf" in sums
+    assert_gguf_follows_the_export(out, Path(__file__).read_text()[:4000])
+
+
+def test_export_refuses_bad_input_in_one_line_and_leaves_nothing_half_written(straight, tmp_path, capsys):
+    """A non-empty --out (kept as it was), weights that fp16 cannot hold (a value of 1e6: refused, naming the
+    tensor, before anything appears at --out), a GGUF of a family llama.cpp files are not written for, a shard
+    size that is not one: exit 2 and one line each."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    assert cli_main(["export", str(straight["fsdp"]), "--out", str(taken)]) == 2
+    assert (taken / "mine.txt").read_text() == "keep" and len(list(taken.iterdir())) == 1
+    large = tmp_path / "large"
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = 1e6
+    model.save_pretrained(large)
+    out = tmp_path / "fp16"
+    assert cli_main(["export", str(large), "--out", str(out), "--dtype", "fp16"]) == 2
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".fp16")] == []
+    qwen = tmp_path / "qwen"
+    Qwen2ForCausalLM(Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=32)).save_pretrained(qwen)  # fmt: skip
+    assert cli_main(["export", str(qwen), "--out", str(out), "--gguf", "q8_0"]) == 2
+    assert not out.exists()
+    assert cli_main(["export", str(straight["fsdp"]), "--out", str(out), "--max-shard-size", "lots"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 4, errors
+    assert f"--out '{taken}' already exists" in errors[0]
+    assert "--dtype fp16: transformer.h.0.mlp.c_fc.weight holds values beyond fp16's range" in errors[1]
+    assert (
+        "--gguf: llama.cpp files are written for gpt2 and llama models; this is a 'qwen2' model" in errors[2]
+    )
+    assert "'lots' is not a size" in errors[3]
 
 
 def test_eval_prints_step_loss_and_perplexity_as_json(straight, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_checks import assert_gguf_follows_the_export
 from trainer_runs import by_step, read_metrics, train
 
 from launcher.cli import main as cli_main
@@ -83,10 +84,14 @@ def test_llama_tiny_trains_the_same_under_deepspeed(llama_runs):
 
 @pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
 def test_llama_export_loads_in_transformers_with_the_trainers_logits(backend, llama_runs, tmp_path):
+    """fp32 from either backend: the trainer's logits (1e-5); and the GGUF files (f16, q8_0) beside it."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = tmp_path / "hf"
-    assert cli_main(["export", str(llama_runs[backend]), "--out", str(out), "--dtype", "fp32"]) == 0
+    gguf = (
+        ["--gguf", "f16", "--gguf", "q8_0"] if backend == "fsdp" else []
+    )  # the same folder for both backends
+    assert cli_main(["export", str(llama_runs[backend]), "--out", str(out), "--dtype", "fp32", *gguf]) == 0
     exported = load_pretrained(out).eval()
     assert isinstance(exported, LlamaForCausalLM) and exported.config.num_key_value_heads == 2
     step_dir = newest_valid_step(llama_runs[backend] / "checkpoints").step_dir
@@ -100,6 +105,8 @@ def test_llama_export_loads_in_transformers_with_the_trainers_logits(backend, ll
         expected = trainer_model.eval()(input_ids["input_ids"]).logits
         got = exported(input_ids["input_ids"]).logits
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    if gguf:  # llama.cpp's files: see tests/gguf_checks.py
+        assert_gguf_follows_the_export(out, Path(__file__).read_text()[:4000])
 
 
 # --- any Hugging Face decoder, from a config folder ------------------------------------------------

@@ -107,11 +107,12 @@ def test_initial_weights_are_bitwise_the_same_for_every_world_size_and_backend(
 @pytest.mark.parametrize("source", BACKENDS)
 def test_init_from_a_run_folder_is_checked_and_read_by_every_rank_a_share_each(source, straight, tmp_path):
     """model.init_from=RUN_DIR: the newest checkpoint's files are checksummed by the two ranks, each file once
-    in all. An FSDP checkpoint's weights are then read one tensor at a time by the rank whose turn it is, and
-    sent to the other: each rank reads a share, no rank the whole model, and the optimizer's entries are never
-    read. A DeepSpeed ZeRO-3 checkpoint keeps the fp32 weights nowhere but in its optimizer partitions, which
-    rank 0 reads (`*optim_states.pt`). Nothing is opened under TMPDIR (importing torch, dill or DeepSpeed's ops
-    does create folders there; that is not the loading's doing)."""
+    in all. The weights are then read one tensor at a time by the rank whose turn it is, and sent to the other:
+    each rank reads a share, no rank the whole model. An FSDP checkpoint's optimizer entries are never read; a
+    DeepSpeed ZeRO-3 checkpoint keeps the fp32 weights nowhere but in its optimizer partitions
+    (`*optim_states.pt`), mapped into memory, a tensor's pieces read when it is its turn. Nothing is opened under
+    TMPDIR (importing torch, dill or DeepSpeed's ops does create folders there; that is not the loading's
+    doing)."""
     run_dir = straight[source]
     step_dir = newest_valid_step(run_dir / "checkpoints").step_dir
     manifest = json.loads((step_dir / "manifest.json").read_text())
@@ -135,10 +136,9 @@ def test_init_from_a_run_folder_is_checked_and_read_by_every_rank_a_share_each(s
         state = torch.load(tmp_path / "out" / f"{backend}-weights.pt")
         for name, tensor in expected.items():
             assert torch.equal(state[name], tensor), (backend, name)
-    if source == "fsdp":  # the weights themselves: a share each (the checksums above read every file)
-        tensors = [report["weights_read"] for report in reports["fsdp"]]
-        assert all(tensors) and not set(tensors[0]) & set(tensors[1]), tensors
-        assert sorted(tensors[0] + tensors[1]) == sorted(expected), tensors
+        tensors = [report["weights_read"] for report in (rank0, rank1)]  # the weights: a share each
+        assert all(tensors) and not set(tensors[0]) & set(tensors[1]), (backend, tensors)
+        assert set(tensors[0] + tensors[1]) <= set(expected), (backend, tensors)
 
 
 def test_init_from_a_hugging_face_folder_is_read_in_turns(reference_model, tmp_path):

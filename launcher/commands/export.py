@@ -1,5 +1,6 @@
-"""`llm-train export RUN_DIR|CKPT_DIR --out DIR [--dtype bf16|fp16|fp32]`: a Hugging Face model folder from either
-backend, ready for serving (trainer/models/export.py says what it holds)."""
+"""`llm-train export RUN_DIR|CKPT_DIR --out DIR [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--gguf f16|q8_0]`: a
+Hugging Face model folder from either backend, ready for serving, and a llama.cpp file (trainer/models/export.py
+says what it holds)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--license", default="other", help="the model card's license (a Hub identifier; default other)"
     )
     parser.add_argument("--language", default="en", help="the model card's language (default en)")
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=shard_size,
+        help="the largest safetensors file (default 5GB; MB and GB, powers of 10, as save_pretrained counts)",
+    )
+    parser.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        choices=("f16", "q8_0"),
+        help="also write model-TYPE.gguf for llama.cpp (gpt2 and llama models; repeat for both types)",
+    )
     add_trust_argument(parser)
     parser.set_defaults(handler=run)
 
@@ -33,7 +47,21 @@ def run(args: argparse.Namespace) -> int:
     from trainer.models.export import export
 
     out = export(
-        args.checkpoint, Path(args.out), args.trust_remote_code, args.dtype, args.license, args.language
-    )
+        args.checkpoint, Path(args.out), args.trust_remote_code, args.dtype, args.license, args.language,
+        args.max_shard_size, args.gguf,
+    )  # fmt: skip
     print(out)
     return 0
+
+
+def shard_size(text: str) -> int:
+    """ "5GB", "500MB" -> bytes."""
+    units = {"GB": 10**9, "MB": 10**6}
+    number, unit = text[:-2], text[-2:].upper()
+    try:
+        value = float(number) * units[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB or 500MB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard must hold at least one byte")
+    return int(value)

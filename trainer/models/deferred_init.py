@@ -135,13 +135,12 @@ class _Recorder(TorchDispatchMode):
                 self.numel[_key(tensor)] = tensor.untyped_storage().nbytes() // tensor.element_size()
                 self._keep.append(tensor)
                 created.append(_Ref.of(tensor))
-        schema_args = func._schema.arguments
-        writes = [
-            _Ref.of(value)
-            for argument, value in zip(schema_args, args, strict=False)
-            if argument.alias_info is not None and argument.alias_info.is_write
-            and isinstance(value, torch.Tensor) and value.is_meta
-        ]  # fmt: skip
+        writes = []
+        for position, argument in enumerate(func._schema.arguments):
+            value = args[position] if position < len(args) else kwargs.get(argument.name)
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, torch.Tensor) and value.is_meta:
+                writes.append(_Ref.of(value))
         if created or writes:
             as_ref = lambda a: _Ref.of(a) if isinstance(a, torch.Tensor) and a.is_meta else a  # noqa: E731
             seeded = torch.Tag.nondeterministic_seeded in func.tags

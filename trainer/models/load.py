@@ -118,11 +118,15 @@ def model_from_checkpoint(
         )
     model.tie_weights()
     set_causal_lm_loss(model)
-    tokenizer_dir = Path(config.data.path) / "tokenizer"
+    return LoadedModel(model.eval(), *checkpoint_origin(step_dir))
+
+
+def checkpoint_origin(step_dir: Path) -> tuple[Path | None, int, str]:
+    """(the run's tokenizer folder if it is still there, the step, the run's data path) of a checkpoint step."""
+    data_path = load_config(step_dir / "config.yaml").data.path
+    tokenizer_dir = Path(data_path) / "tokenizer"
     step = json.loads((step_dir / "manifest.json").read_text())["step"]
-    return LoadedModel(
-        model.eval(), tokenizer_dir if tokenizer_dir.is_dir() else None, step, config.data.path
-    )
+    return tokenizer_dir if tokenizer_dir.is_dir() else None, step, data_path
 
 
 def saved_architecture(

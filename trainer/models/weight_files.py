@@ -1,12 +1,15 @@
-"""Reading one tensor of a model's saved weights at a time, on any rank: llm-train's own checkpoints (DCP) and
+"""Reading one tensor of a model's saved weights at a time: llm-train's own checkpoints of either backend and
 Hugging Face folders of safetensors files.
 
 A run that starts from saved weights (`model.init_from`) reads each tensor once in all, on the rank that owns
-it, which sends it to the others (trainer/parallel/model_source.py): no rank reads or holds the whole model.
+it, which sends it to the others (trainer/parallel/model_source.py), and `export` writes each tensor as it is
+read (trainer/models/export.py): no process reads or holds the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Collection
 from pathlib import Path
@@ -50,6 +53,33 @@ class DcpWeights:
         return template[MODEL_PREFIX + saved_name]
 
 
+class DeepSpeedWeights:
+    """A ZeRO-3 checkpoint's fp32 weights, which live in the optimizer partitions (`*optim_states.pt`, one per
+    rank of the run that wrote it). DeepSpeed's own reader (`zero_to_fp32`, lazy mode) maps the partition files
+    into memory and joins one tensor's pieces when it is asked for, so only that tensor's bytes are read.
+
+    It unpickles DeepSpeed's files (`torch.load(weights_only=False)` inside, with no argument to change it): load
+    DeepSpeed checkpoints from trusted sources only (docs/checkpoints.md, "What loading trusts")."""
+
+    def __init__(self, step_dir: Path) -> None:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # progress bars
+            self._lazy = get_fp32_state_dict_from_zero_checkpoint(
+                str(step_dir), tag="deepspeed", lazy_mode=True
+            )
+
+    def find(self, names: Collection[str]) -> str | None:
+        return next((name for name in names if name in self._lazy), None)
+
+    def read(self, saved_name: str) -> torch.Tensor:
+        value = self._lazy[saved_name]
+        return value if isinstance(value, torch.Tensor) else value.contiguous()
+
+
 class SafetensorsWeights:
     """A Hugging Face folder's `*.safetensors` (one file, or shards listed in model.safetensors.index.json).
     A name the model knows is looked up as it is, then without or with the model's base prefix (`model.`),
@@ -90,3 +120,9 @@ class SafetensorsWeights:
 
 def has_safetensors(folder: Path) -> bool:
     return (folder / SAFETENSORS_INDEX).is_file() or any(folder.glob("*.safetensors"))
+
+
+def checkpoint_weights(step_dir: Path) -> WeightFiles:
+    """A checkpoint step's weights, of either backend, tensor by tensor."""
+    backend = json.loads((step_dir / "manifest.json").read_text())["backend"]
+    return DeepSpeedWeights(step_dir) if backend == "deepspeed" else DcpWeights(step_dir / "model")

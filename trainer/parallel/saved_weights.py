@@ -1,10 +1,10 @@
 """`model.init_from` on every rank at once: the checkpoint checked by all ranks, a share each, and its weights
 read one tensor at a time by the rank that owns it (trainer/parallel/model_source.py), never by rank 0 alone.
 
-Two kinds of folder are read so: llm-train's own FSDP checkpoints (a run folder or a step folder, DCP) and
-Hugging Face folders of safetensors files. The others (a DeepSpeed checkpoint, whose fp32 weights lie in
-optimizer partitions; `.bin` weights; a model name of the Hugging Face cache; a folder whose names
-`from_pretrained` would have to convert) are built in full by rank 0, as before, still checked by all ranks.
+Two kinds of folder are read so: llm-train's own checkpoints of either backend (a run folder or a step folder)
+and Hugging Face folders of safetensors files. The others (`.bin` weights; a model name of the Hugging Face
+cache; a folder whose names `from_pretrained` would have to convert; a checkpoint older than model_config.json)
+are built in full by rank 0, as before, still checked by all ranks.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from trainer.models.deferred_init import Recording, record, state_refs
 from trainer.models.families import set_dropout
 from trainer.models.families.hf import load_hf_config
 from trainer.models.load import is_hf_folder, refuse_untrusted_code, saved_architecture
-from trainer.models.weight_files import DcpWeights, SafetensorsWeights, WeightFiles, has_safetensors
+from trainer.models.weight_files import SafetensorsWeights, WeightFiles, checkpoint_weights, has_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ def saved_weights(recipe: ModelRecipe) -> tuple[Any, Recording, WeightFiles] | N
             return None
         config = load_hf_config(str(path), cfg.trust_remote_code, "model.init_from")
     else:  # a step folder (verified_init_step resolved a run folder to its step)
-        manifest = json.loads((path / "manifest.json").read_text())
-        if manifest.get("backend") != "fsdp" or not (path / MODEL_CONFIG).is_file():
+        if not (path / MODEL_CONFIG).is_file():  # written before checkpoints kept the architecture
             return None
         values = json.loads((path / MODEL_CONFIG).read_text())
         refuse_untrusted_code(
@@ -89,7 +88,7 @@ def saved_weights(recipe: ModelRecipe) -> tuple[Any, Recording, WeightFiles] | N
     if is_hf_folder(path):
         files: WeightFiles = SafetensorsWeights(path, model.base_model_prefix)
     else:
-        files = DcpWeights(path / "model")
+        files = checkpoint_weights(path)
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     for group in state_refs(model).values():
         names = [name for name, _ in group]
