@@ -133,8 +133,12 @@ def check_plain_data(folder: Path) -> None:
 
 
 class _SafeReader(FileSystemReader):
+    def __init__(self, path: Path, metadata: Metadata | None = None) -> None:
+        super().__init__(path)
+        self._metadata = metadata
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path))
+        metadata = self._metadata if self._metadata is not None else read_metadata(Path(self.path))
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -173,14 +177,15 @@ def load_model_state(folder: Path, prefix: str = MODEL_PREFIX) -> dict[str, torc
     return {key[len(prefix) :]: value for key, value in template.items()}
 
 
-def read_entries(folder: Path, template: dict[str, Any]) -> None:
+def read_entries(folder: Path, template: dict[str, Any], metadata: Metadata | None = None) -> None:
     """Fill `template` ({key: a tensor of the entry's shape and dtype, or None}) with those entries of the DCP
-    folder, in this process: only their byte ranges are read, non-tensor entries as plain data only."""
+    folder, in this process: only their byte ranges are read, non-tensor entries as plain data only. A caller
+    reading entry after entry passes the folder's index (`read_metadata`), read once."""
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         dcp.load(
             template,
-            storage_reader=_SafeReader(folder),
+            storage_reader=_SafeReader(folder, metadata),
             planner=_PlainDataPlanner(flatten_state_dict=False),
             no_dist=True,
         )

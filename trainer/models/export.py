@@ -48,7 +48,7 @@ from trainer.models.load import (
 )
 from trainer.models.model_card import model_card, run_folder
 from trainer.models.pretrained import context_length, tied_names
-from trainer.models.safetensors_shards import ShardWriter
+from trainer.models.safetensors_shards import PlannedTensor, ShardWriter
 from trainer.models.weight_files import WeightFiles, checkpoint_weights
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shards = ShardWriter(tmp, max_shard_bytes)
+        plan = [PlannedTensor(name, shape, stored_dtype(kind, dtype)) for name, shape, kind in source.shapes]
+        shards = ShardWriter(tmp, max_shard_bytes, plan)
         for name, tensor in source.tensors():
             shards.add(name, cast(name, tensor, dtype))
         shards.finish()
@@ -97,7 +98,7 @@ def export(
         (tmp / "README.md").write_text(card)
         for kind in gguf:
             write_gguf(tmp, kind)
-        write_checksums(tmp)
+        write_checksums(tmp, known=shards.sha256)
         make_readable(tmp)
         if out.exists():
             out.rmdir()
@@ -115,6 +116,8 @@ class ExportSource:
 
     model: PreTrainedModel
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    shapes: list[tuple[str, tuple[int, ...], torch.dtype]]
+    """(name, shape, dtype as saved) of each tensor `tensors` yields, in its order."""
     tokenizer_dir: Path | None
     step: int | None
     data_path: str | None
@@ -135,48 +138,63 @@ def export_source(path: Path, trust_remote_code: bool) -> ExportSource:
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
             files = checkpoint_weights(step_dir)
-            return ExportSource(
-                model, lambda: _streamed(model, files, step_dir), *checkpoint_origin(step_dir)
-            )
+            written = _written(model)
+            shapes = [(names[0], ref.size, ref.dtype) for names, ref in written]
+            tensors = lambda: _streamed(written, files, step_dir)  # noqa: E731
+            return ExportSource(model, tensors, shapes, *checkpoint_origin(step_dir))
     loaded = load_any(path, trust_remote_code)
     state = loaded.model.state_dict()
-    written = [name for name in state if name not in tied_names(loaded.model)]
-    tensors = lambda: ((name, state[name]) for name in written)  # noqa: E731
-    return ExportSource(loaded.model, tensors, loaded.tokenizer_dir, loaded.step, loaded.data_path)
+    kept = [name for name in state if name not in tied_names(loaded.model)]
+    shapes = [(name, tuple(state[name].shape), state[name].dtype) for name in kept]
+    tensors = lambda: ((name, state[name]) for name in kept)  # noqa: E731
+    return ExportSource(loaded.model, tensors, shapes, loaded.tokenizer_dir, loaded.step, loaded.data_path)
+
+
+def _written(model: PreTrainedModel) -> list[tuple[list[str], Any]]:
+    """([its names], its meta view) of each tensor of the model's state, a tied weight once (under its first name,
+    as `save_pretrained` writes it); the non-persistent buffers are not part of it."""
+    persistent = model.state_dict(keep_vars=True)
+    written = []
+    for group in state_refs(model).values():
+        names = [name for name, _ in group if name in persistent]
+        if names:
+            written.append((names, group[0][1]))
+    return written
 
 
 def _streamed(
-    model: PreTrainedModel, files: WeightFiles, step_dir: Path
+    written: list[tuple[list[str], Any]], files: WeightFiles, step_dir: Path
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The model's state, one tensor at a time, each under its first name (a tied weight once, as
-    `save_pretrained` writes it); the non-persistent buffers are not part of it."""
-    persistent = model.state_dict(keep_vars=True)
-    for group in state_refs(model).values():
-        names = [name for name, _ in group if name in persistent]
-        if not names:
-            continue
+    """The checkpoint's tensors, one at a time, in the order of `written`."""
+    for names, ref in written:
         saved = files.find(names)
         if saved is None:
             raise UserError(
                 f"checkpoint '{step_dir}' has no tensor {names[0]}; it does not fit its model_config.json"
             )
         tensor = files.read(saved)
-        if tuple(tensor.shape) != group[0][1].size:
+        if tuple(tensor.shape) != ref.size:
             raise UserError(
                 f"checkpoint '{step_dir}': {saved} has shape {tuple(tensor.shape)}, its model_config.json says "
-                f"{group[0][1].size}"
+                f"{ref.size}"
             )
-        yield names[0], tensor
+        yield names[0], tensor.to(ref.dtype)
+
+
+def stored_dtype(saved: torch.dtype, dtype: str) -> torch.dtype:
+    """The export's dtype for floating-point tensors; others (integer buffers) as they are."""
+    return DTYPES[dtype] if saved.is_floating_point else saved
 
 
 def cast(name: str, tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """`tensor` in the export's dtype; refused when a finite value would become infinite (fp16's range)."""
-    converted = tensor.to(DTYPES[dtype])
-    if converted.is_floating_point() and not torch.isfinite(converted).all() and torch.isfinite(tensor).all():
-        raise UserError(
-            f"--dtype {dtype}: {name} holds values beyond {dtype}'s range (largest {tensor.abs().max().item():.3g}); "
-            "export --dtype bf16 (the range of fp32) or fp32"
-        )
+    """`tensor` as the export stores it; refused when a finite value would become infinite (fp16's range)."""
+    converted = tensor.to(stored_dtype(tensor.dtype, dtype))
+    if dtype == "fp16" and tensor.is_floating_point() and not torch.isfinite(converted).all():
+        if torch.isfinite(tensor).all():
+            raise UserError(
+                f"--dtype fp16: {name} holds values beyond fp16's range (largest {tensor.abs().max().item():.3g}); "
+                "export --dtype bf16 (the range of fp32) or fp32"
+            )
     return converted
 
 
@@ -212,15 +230,20 @@ def serving_tokenizer(tokenizer_dir: Path, positions: int):  # noqa: ANN201 (a t
     return tokenizer
 
 
-def write_checksums(folder: Path) -> None:
-    """`sha256sum -c checksums.sha256` checks every file of the folder."""
+def write_checksums(folder: Path, known: dict[str, str] | None = None) -> None:
+    """`sha256sum -c checksums.sha256` checks every file of the folder; `known` digests (files hashed as they were
+    written) are not read again."""
+    known = known or {}
     lines = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        lines.append(f"{digest.hexdigest()}  {file.relative_to(folder)}\n")
+        name = str(file.relative_to(folder))
+        if name not in known:
+            digest = hashlib.sha256()
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            known[name] = digest.hexdigest()
+        lines.append(f"{known[name]}  {name}\n")
     (folder / CHECKSUMS).write_text("".join(lines))
 
 

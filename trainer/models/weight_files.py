@@ -37,9 +37,10 @@ class DcpWeights:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
+        self._metadata = read_metadata(folder)
         self._entries = {
             key[len(MODEL_PREFIX) :]: entry
-            for key, entry in read_metadata(folder).state_dict_metadata.items()
+            for key, entry in self._metadata.state_dict_metadata.items()
             if key.startswith(MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
         }
 
@@ -49,7 +50,7 @@ class DcpWeights:
     def read(self, saved_name: str) -> torch.Tensor:
         entry = self._entries[saved_name]
         template = {MODEL_PREFIX + saved_name: torch.empty(entry.size, dtype=entry.properties.dtype)}
-        read_entries(self.folder, template)
+        read_entries(self.folder, template, self._metadata)
         return template[MODEL_PREFIX + saved_name]
 
 
