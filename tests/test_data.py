@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import multiprocessing
 import os
 import signal
 import socket
@@ -23,7 +22,7 @@ from mds_fixtures import sample_ids, sample_tokens, write_dataset
 from streaming import MDSWriter, StreamingDataset
 from streaming.base.format.mds import MDSReader
 from streaming.base.partition import get_partitions
-from trainer_runs import run_to_completion
+from trainer_runs import fresh_processes, run_to_completion
 
 from trainer.config import DataConfig, StreamConfig
 from trainer.data.dataset_info import _read_info, node_cache_dir
@@ -204,7 +203,7 @@ def _rank_main(rank: int, world_size: int, port: int, tasks: list[dict[str, Any]
 
 def run_ranks(world_size: int, tasks: list[dict[str, Any]], out: Path) -> list[list[dict[str, Any]]]:
     """Run `tasks` on `world_size` real processes; per rank, per task: {"ids", "state"}."""
-    context = multiprocessing.get_context("spawn")
+    context = fresh_processes()
     port = _free_port()
     ranks = [
         context.Process(target=_rank_main, args=(r, world_size, port, tasks, str(out)))

@@ -2,7 +2,7 @@
 
 Streaming picks the lowest free group number in /dev/shm; two jobs racing used to pick the same one
 and the second died with `FileExistsError: .../0000xx_locals` (`trainer.data.shm_prefix`). Each job
-here is a set of spawned processes with a job identity of its own (SLURM_JOB_ID, master port), all
+here is a set of fresh processes (forks of a forkserver) with a job identity of its own (SLURM_JOB_ID, master port), all
 released by one barrier, ten times over, on the same dataset (the same local folders: the case where
 streaming's own check cannot tell two jobs' groups apart).
 """
@@ -10,7 +10,6 @@ streaming's own check cannot tell two jobs' groups apart).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import socket
 import traceback
@@ -23,7 +22,7 @@ from mds_fixtures import sample_ids, write_dataset
 from streaming.base.constant import LOCALS
 from streaming.base.shared import SharedMemory
 from streaming.base.world import World
-from trainer_runs import run_to_completion
+from trainer_runs import fresh_processes, run_to_completion
 
 from trainer.config import DataConfig
 from trainer.data import shm_prefix
@@ -73,9 +72,9 @@ def _job_rank(job: int, rank: int, ranks: int, port: int, dataset: str, barrier:
 
 
 def run_jobs(ranks_per_job: list[int], tmp_path: Path) -> dict[tuple[int, int], dict[str, Any]]:
-    """Start every rank of every job as a spawned process, all released together each round."""
+    """Start every rank of every job as a process of its own, all released together each round."""
     dataset = write_dataset(tmp_path / "data", train_samples=32, val_samples=0)
-    context = multiprocessing.get_context("spawn")
+    context = fresh_processes()
     barrier = context.Barrier(sum(ranks_per_job))
     ports = [_free_port() for _ in ranks_per_job]  # one rendezvous per job
     processes = [

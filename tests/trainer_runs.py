@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from launcher.cli import main as cli_main
 
@@ -91,6 +93,15 @@ def since_last_start(records: list[dict]) -> list[dict]:
 
 def resume_step(records: list[dict]) -> int:
     return next(r["step"] for r in records if r.get("event") == "resume")
+
+
+def fresh_processes() -> Any:
+    """A multiprocessing context whose processes start fresh (no thread or state of the test process's) yet
+    without paying the imports each: forks of a forkserver that imported torch, streaming and the loader (spawn
+    took seconds a process)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "torch.distributed", "streaming", "trainer.data.loader"])
+    return context
 
 
 def run_to_completion(processes: list, timeout: float) -> list[int | None]:
