@@ -54,10 +54,13 @@ PER_RANK_ENV = frozenset(
         "OMP_NUM_THREADS",
     }
 )
-# Read only while a rank runs, never at import: test hooks (trainer.resilience.fault_injection), pytest's
-# per-test marker, the terminal size, and the address of a W&B service that the launcher's process started
-# (wandb sets it in its own process when it starts one: `llm-train eval` mirroring to W&B does).
-LAZY_ENV_PREFIXES = ("LLM_TRAIN_TEST_", "PYTEST_", SERVER_ENV, "COLUMNS", "LINES", "WANDB_SERVICE")
+# Read only while a rank runs, never at import: test hooks (trainer.resilience.fault_injection, the suite's
+# tests/rank_hooks), pytest's per-test marker, the terminal size, the address of a W&B service that the
+# launcher's process started (wandb sets it in its own process when it starts one: `llm-train eval` mirroring to
+# W&B does), and SLURM's requeue count (read when the run starts: checkpoint.resume, goodput, faults).
+LAZY_ENV_PREFIXES = (
+    "LLM_TRAIN_TEST_", "PYTEST_", SERVER_ENV, "COLUMNS", "LINES", "WANDB_SERVICE", "SLURM_RESTART_COUNT",
+)  # fmt: skip
 _HEADER = struct.Struct("!Q")
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, signal.SIGHUP)
 

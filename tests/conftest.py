@@ -109,6 +109,12 @@ def rank_server():
     that start before it listens, or that it cannot serve, start a server of their own."""
     from launcher.rank_server import SERVER_ENV, RankServer
 
+    # The ranks' test hooks (tests/rank_hooks): on the path of every process started from here, the server first,
+    # so that a test that sets a hook's variable still gets this server (the variables are read lazily).
+    path_before = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(Path(__file__).parent / "rank_hooks"), path_before])
+    )
     server = RankServer.spawn(("trainer.main", "deepspeed", "wandb"))
     os.environ[SERVER_ENV] = server.socket_path
     start_rank = RankServer.start_rank
@@ -123,6 +129,10 @@ def rank_server():
     yield server
     RankServer.start_rank = start_rank
     os.environ.pop(SERVER_ENV, None)
+    if path_before is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = path_before
     server.close()
 
 

@@ -5,9 +5,7 @@ resumed on 2 ranks."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,29 +14,6 @@ from trainer_runs import losses, overrides, read_metrics, since_last_start, trai
 from trainer.checkpoint.steps import step_dir_name
 from trainer.parallel.deepspeed import UNIVERSAL
 from trainer.resilience.fault_injection import NAN_AT_BATCH_ENV
-
-# Rank 0's conversion to the universal format takes LLM_TEST_SLOW_CONVERSION seconds longer.
-SLOW_CONVERSION_HOOK = """
-import os
-
-from pathlib import Path
-
-if os.environ.get("LLM_TEST_SLOW_CONVERSION"):
-    import time
-
-    import trainer.parallel.deepspeed
-
-    _convert = trainer.parallel.deepspeed.to_universal
-
-    def _slow(source, target):
-        # The rank is read when converting: ranks are forks of a rank server that imported this before any RANK.
-        if os.environ.get("RANK") == "0":
-            time.sleep(float(os.environ["LLM_TEST_SLOW_CONVERSION"]))
-            Path(__file__).with_name("slept").write_text("slept")
-        _convert(source, target)
-
-    trainer.parallel.deepspeed.to_universal = _slow
-"""
 
 
 def ckpt(run_dir: Path, step: int) -> Path:
@@ -130,11 +105,8 @@ def test_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(
 ):
     """Saved on 1 rank (step 9 of `universal_resume`), resumed on 2: rank 0 converts for longer than
     parallel.timeout_s (the hook records that it slept), rank 1 waits."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(textwrap.dedent(SLOW_CONVERSION_HOOK))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("LLM_TEST_SLOW_CONVERSION", str(SLOW_CONVERSION_S))
+    slept = tmp_path / "slept"
+    monkeypatch.setenv("LLM_TRAIN_TEST_SLOW_CONVERSION", f"{SLOW_CONVERSION_S}:{slept}")  # tests/rank_hooks
     run_dir = tmp_path / "run"
     shutil.copytree(universal_resume[0], run_dir)
     shutil.rmtree(ckpt(run_dir, 12))  # as if the 1-rank run had stopped after saving step 9
@@ -145,5 +117,5 @@ def test_ranks_wait_for_a_conversion_longer_than_the_collective_timeout(
     resume = next(r for r in records if r.get("event") == "resume")
     assert (resume["step"], resume["from_world_size"]) == (9, 1)
     assert loss_steps(records) == [10]
-    assert (hook / "slept").exists(), "rank 0's conversion was not slowed: the test showed nothing"
+    assert slept.exists(), "rank 0's conversion was not slowed: the test showed nothing"
     assert (ckpt(run_dir, 9) / UNIVERSAL).is_dir()

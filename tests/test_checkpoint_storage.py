@@ -4,9 +4,7 @@ retention that keeps this run's steps, and checkpoint.resume=none on requeued at
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,73 +14,7 @@ from trainer.checkpoint import verify_step
 from trainer.checkpoint.manifest import MANIFEST, list_files
 from trainer.checkpoint.steps import RUN_ID, step_dir_name, step_folders
 
-HIDDEN = "__1_0.distcp"  # rank 1's DCP shard, which rank 0's listing leaves out
-
-# Rank 0 lists its folders as an NFS client with a stale cache would: without rank 1's shard.
-STALE_LISTING_HOOK = f"""
-import os
-
-if os.environ.get("RANK") == "0":
-    _scandir, _listdir = os.scandir, os.listdir
-
-    class _Without:
-        def __init__(self, entries):
-            self._entries = entries
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self._entries.close()
-
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            while True:
-                entry = next(self._entries)
-                if entry.name != {HIDDEN!r}:
-                    return entry
-
-        def close(self):
-            self._entries.close()
-
-    os.scandir = lambda path=".": _Without(_scandir(path))
-    os.listdir = lambda path=".": [name for name in _listdir(path) if name != {HIDDEN!r}]
-"""
-
-# Every os.fsync of the trainer, in order: the path of what it synced.
-FSYNC_HOOK = """
-import os
-
-_log, _fsync = os.environ["LLM_TEST_FSYNC_LOG"], os.fsync
-
-
-def _recorded(fd):
-    _fsync(fd)
-    try:
-        line = os.readlink(f"/proc/self/fd/{fd}") + "\\n"
-    except OSError:
-        return
-    out = os.open(_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    try:
-        os.write(out, line.encode())
-    finally:
-        os.close(out)
-
-
-os.fsync = _recorded
-"""
-
-
-def install_hook(tmp_path: Path, source: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make every Python process started from here (the ranks) import `source` at start-up."""
-    folder = tmp_path / "hook"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(textwrap.dedent(source))
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
-    )
+HIDDEN = "__1_0.distcp"  # rank 1's DCP shard, which rank 0's listing leaves out (tests/rank_hooks)
 
 
 def steps(run_dir: Path) -> list[str]:
@@ -92,7 +24,7 @@ def steps(run_dir: Path) -> list[str]:
 def test_manifest_lists_what_the_ranks_wrote_even_when_a_listing_misses_a_file(
     demo_dataset, tmp_path, monkeypatch
 ):
-    install_hook(tmp_path, STALE_LISTING_HOOK, monkeypatch)
+    monkeypatch.setenv("LLM_TRAIN_TEST_HIDE_FROM_RANK0", HIDDEN)  # as an NFS client with a stale cache would
     run_dir = tmp_path / "run"
     overrides = ["parallel.backend=fsdp", "train.max_steps=2", "checkpoint.every_steps=2", *BATCH]
     train(run_dir, demo_dataset.path, nproc=2, overrides=overrides)
@@ -108,8 +40,9 @@ def test_every_file_and_folder_of_a_step_is_fsynced_before_its_manifest(
     backend, demo_dataset, tmp_path, monkeypatch
 ):
     log_file = tmp_path / "fsyncs.tsv"
-    monkeypatch.setenv("LLM_TEST_FSYNC_LOG", str(log_file))
-    install_hook(tmp_path, FSYNC_HOOK, monkeypatch)
+    monkeypatch.setenv(
+        "LLM_TRAIN_TEST_FSYNC_LOG", str(log_file)
+    )  # tests/rank_hooks: every os.fsync, in order
     run_dir = tmp_path / "run"
     overrides = [f"parallel.backend={backend}", "train.max_steps=2", "checkpoint.every_steps=1", *BATCH]
     train(run_dir, demo_dataset.path, nproc=1, overrides=overrides)

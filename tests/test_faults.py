@@ -37,7 +37,6 @@ from trainer.resilience.fault_injection import (
     STALL_ENV,
 )
 
-HOOKS = str(Path(__file__).resolve().parent / "rank_hooks")
 TIMEOUT_S = 20
 STALL_TIMEOUT_S = 12  # waited out in full by the stall test
 NAN_BATCH = 4  # the global batch of step 5 (0-based draw order)
@@ -291,8 +290,7 @@ def test_skip_batch_and_rollback_equal_a_run_that_never_saw_the_batch(
     if mode == "rollback":
         extra.append("log.every_steps=2")
     if (mode, backend) == ("rollback", "fsdp"):
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])))
-        monkeypatch.setenv("LLM_TEST_SLOW_CHECKSUMS", str(SLOW_CHECKSUM_S))
+        monkeypatch.setenv("LLM_TRAIN_TEST_SLOW_CHECKSUMS", str(SLOW_CHECKSUM_S))  # tests/rank_hooks
         extra.append(f"parallel.timeout_s={ROLLBACK_TIMEOUT_S}")
     records = train(tmp_path, demo_dataset.path, nproc=2, overrides=extra)
     events = [r for r in records if r.get("event") in ("nonfinite", "rollback")]

@@ -128,14 +128,11 @@ def test_a_resumed_init_from_run_trains_with_activation_checkpointing(
     the ranks' first step.
     """
     import json
-    import os
 
     extra = [f"parallel.backend={backend}", f"model.init_from={exported}", "model.activation_checkpointing=true",
              "train.max_steps=2", "checkpoint.every_steps=1", "train.global_batch_size=8", "train.micro_batch_size=2"]  # fmt: skip
     train(tmp_path, demo_dataset.path, nproc=2, overrides=[*extra, "train.stop_at_step=1"])
-    hooks = str(Path(__file__).resolve().parent / "rank_hooks")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("LLM_TEST_FIRST_STEP", str(tmp_path / "first-step"))
+    monkeypatch.setenv("LLM_TRAIN_TEST_FIRST_STEP", str(tmp_path / "first-step"))
     again = since_last_start(train(tmp_path, demo_dataset.path, nproc=2, overrides=extra))
     assert next(r for r in again if r.get("event") == "resume")["step"] == 1
     for rank in (0, 1):

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 from trainer_runs import overrides, since_last_start, train
 
-HOOKS = str(Path(__file__).resolve().parent / "rank_hooks")
-
 
 @pytest.fixture
 def observed(monkeypatch, tmp_path) -> Path:
     """Ranks that list every file they checksum (tests/rank_hooks/sitecustomize.py)."""
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])))
     prefix = tmp_path / "checksums"
-    monkeypatch.setenv("LLM_TEST_CHECKSUMS", str(prefix))
+    monkeypatch.setenv("LLM_TRAIN_TEST_CHECKSUMS", str(prefix))
     return prefix
 
 

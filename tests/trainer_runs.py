@@ -116,9 +116,6 @@ def run_to_completion(processes: list, timeout: float) -> list[int | None]:
     return [process.exitcode for process in processes]
 
 
-RANK_HOOKS = str(Path(__file__).resolve().parent / "rank_hooks")
-
-
 def host_conversions(
     run_dir: Path, data: Path, nproc: int, extra: list[str], steps: tuple[int, int]
 ) -> dict[int, list[str]]:
@@ -134,8 +131,7 @@ def watch_steps(
     """Train with tests/rank_hooks/sitecustomize.py watching the training thread over steps `steps` (first,
     last); each rank's record: its tensor-to-host conversions and the files it opened."""
     prefix = run_dir.parent / f"{run_dir.name}-syncs"
-    hooks = {"PYTHONPATH": os.pathsep.join(filter(None, [RANK_HOOKS, os.environ.get("PYTHONPATH")])),
-             "LLM_TEST_HOST_SYNCS": f"{prefix}:{steps[0]}:{steps[1]}"}  # fmt: skip
+    hooks = {"LLM_TRAIN_TEST_HOST_SYNCS": f"{prefix}:{steps[0]}:{steps[1]}"}
     saved = {name: os.environ.get(name) for name in hooks}
     os.environ.update(hooks)
     try:

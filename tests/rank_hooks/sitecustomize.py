@@ -1,32 +1,90 @@
-"""Test hook for local training runs, imported by Python at start-up when this folder is on PYTHONPATH.
+"""Test hooks in the ranks of local training runs: imported by Python at start-up, this folder being on PYTHONPATH
+for the whole suite (tests/conftest.py puts it there before the suite's rank server starts).
 
-LLM_TEST_FIRST_STEP=PREFIX makes each rank write PREFIX.rankN.json after the first training step of its
-process: the step, whether the model was in train mode during it, how many times each transformer block's
-forward ran, the micro batches per step, and after each micro batch but the last the gradient elements the
-rank holds as a fraction of the model's parameters (FSDP: its shards, and any unsharded accumulated gradient
-FSDP2 keeps between micro batches). With activation checkpointing at work every block runs twice per micro
-batch (the forward, then its recomputation in backward), once without. It observes only.
+Each hook does nothing until its variable is set in the rank's own environment, and reads it when it acts, not at
+start-up: the variables start with LLM_TRAIN_TEST_, which the rank server applies to each rank it forks without
+comparing them (launcher/rank_server.py, LAZY_ENV_PREFIXES). So a test that sets one keeps the suite's shared
+server instead of starting one of its own (seconds of imports a launch). Nothing heavy is imported here: a module
+to patch is patched when the process imports it (the server compares the environment it started with, which
+importing torch would change), and only in rank processes (a rank server's, or `python -m trainer.main`).
+
+- LLM_TRAIN_TEST_FIRST_STEP=PREFIX: each rank writes PREFIX.rankN.json after the first training step of its
+  process: the step, whether the model was in train mode during it, how many times each transformer block's
+  forward ran, the micro batches per step, and after each micro batch but the last the gradient elements the rank
+  holds as a fraction of the model's parameters (FSDP: its shards, and any unsharded accumulated gradient FSDP2
+  keeps between micro batches). With activation checkpointing at work every block runs twice per micro batch.
+- LLM_TRAIN_TEST_HOST_SYNCS=PREFIX:FIRST:LAST: each rank writes PREFIX.rankN.json listing every conversion of a
+  tensor to a host value (item, float, int, bool, cpu, tolist, numpy) made by the training thread from the start
+  of step FIRST to the start of step LAST + 1, with where it was made, and the files it opened. The one read that
+  is meant to happen, StepReport.read of its host buffer (trainer/step_report.py), is left out.
+- LLM_TRAIN_TEST_CHECKSUMS=PREFIX: each rank appends to PREFIX.rankN.txt every file whose checksum it computes to
+  verify a checkpoint (trainer.checkpoint.manifest.file_checksum).
+- LLM_TRAIN_TEST_SLOW_CHECKSUMS=SECONDS: every such checksum takes SECONDS longer (a slow shared filesystem).
+- LLM_TRAIN_TEST_SLOW_CONVERSION=SECONDS:MARKER: rank 0's conversion to DeepSpeed's universal format takes SECONDS
+  longer, and rank 0 writes the file MARKER when it has slept.
+- LLM_TRAIN_TEST_FSYNC_LOG=FILE: every os.fsync of the rank appends the path it synced to FILE.
+- LLM_TRAIN_TEST_HIDE_FROM_RANK0=NAME: rank 0's os.scandir and os.listdir leave out entries named NAME, as an NFS
+  client with a stale cache would.
+All but the slowing ones observe only.
 """
 
+import importlib.abc
 import os
+import sys
 
-_prefix = os.environ.get("LLM_TEST_FIRST_STEP", "")
-if _prefix:
+_PATCHES = {}
+"""module name -> functions that patch the module once it has been executed."""
+
+
+def _setting(name):
+    return os.environ.get(f"LLM_TRAIN_TEST_{name}", "")
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the loader of a module named in _PATCHES so that its patches run right after
+    the module is executed."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in _PATCHES:
+            return None
+        for finder in sys.meta_path:
+            spec = (
+                finder.find_spec(name, path, target)
+                if finder is not self and hasattr(finder, "find_spec")
+                else None
+            )
+            if spec is not None and spec.loader is not None:
+                execute = spec.loader.exec_module
+
+                def exec_module(module, _execute=execute, _name=name):
+                    _execute(module)
+                    for patch in _PATCHES[_name]:
+                        patch(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+def _after_import(module_name):
+    def register(patch):
+        _PATCHES.setdefault(module_name, []).append(patch)
+        return patch
+
+    return register
+
+
+# --- the training step: the first step's observation, and the host conversions of a window of steps ----------
+
+
+@_after_import("trainer.loop")
+def _observe_first_step(loop):
     import json
-    from collections.abc import Callable, Iterator
     from pathlib import Path
-    from typing import Any
 
-    import torch
+    train_step, observed = loop.train_step, []
 
-    import trainer.loop
-    from trainer.models.build import decoder_layers
-    from trainer.state import LoopContext
-
-    _train_step = trainer.loop.train_step
-    _observed_steps: list[int] = []
-
-    def _gradient_fraction(module: torch.nn.Module) -> float:
+    def gradient_fraction(module):
         """Gradient elements held on this rank over the model's parameter count (a DTensor counts globally)."""
         from torch.distributed.tensor import DTensor
 
@@ -44,18 +102,18 @@ if _prefix:
                 held += accumulated.numel() if accumulated is not None else 0
         return held / full
 
-    def _observed_train_step(
-        ctx: LoopContext, batches: Iterator[dict[str, torch.Tensor]], step: int, batch_index: int
-    ) -> tuple[float, float]:
-        if _observed_steps:
-            return _train_step(ctx, batches, step, batch_index)
-        _observed_steps.append(step)
-        blocks = list(decoder_layers(ctx.backend.module))
-        calls = [0] * len(blocks)
-        training: list[bool] = []
+    def observed_train_step(ctx, batches, step, batch_index):
+        prefix = _setting("FIRST_STEP")
+        if not prefix or observed:
+            return train_step(ctx, batches, step, batch_index)
+        from trainer.models.build import decoder_layers
 
-        def count(index: int) -> Callable[[torch.nn.Module, Any], None]:
-            def hook(module: torch.nn.Module, args: Any) -> None:
+        observed.append(step)
+        blocks = list(decoder_layers(ctx.backend.module))
+        calls, training = [0] * len(blocks), []
+
+        def count(index):
+            def hook(module, args):
                 calls[index] += 1
                 training.append(module.training)
 
@@ -64,116 +122,179 @@ if _prefix:
         handles = [block.register_forward_pre_hook(count(i)) for i, block in enumerate(blocks)]
         forward_backward, held = ctx.backend.forward_backward, []
 
-        def observed_forward_backward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        def observed_forward_backward(*args, **kwargs):
             loss = forward_backward(*args, **kwargs)
             if not kwargs["last_micro_batch"]:
-                held.append(_gradient_fraction(ctx.backend.module))
+                held.append(gradient_fraction(ctx.backend.module))
             return loss
 
         ctx.backend.forward_backward = observed_forward_backward
         try:
-            result = _train_step(ctx, batches, step, batch_index)
+            result = train_step(ctx, batches, step, batch_index)
         finally:
             del ctx.backend.forward_backward
             for handle in handles:
                 handle.remove()
-        record = {
-            "step": step,
-            "training": all(training) and bool(training),
-            "block_calls": calls,
-            "grad_accum": ctx.plan.grad_accum,
-            "gradient_held": held,
-        }
-        Path(f"{_prefix}.rank{ctx.rank}.json").write_text(json.dumps(record))
+        record = {"step": step, "training": all(training) and bool(training), "block_calls": calls,
+                  "grad_accum": ctx.plan.grad_accum, "gradient_held": held}  # fmt: skip
+        Path(f"{prefix}.rank{ctx.rank}.json").write_text(json.dumps(record))
         return result
 
-    trainer.loop.train_step = _observed_train_step
+    loop.train_step = observed_train_step
 
-# LLM_TEST_CHECKSUMS=PREFIX: each rank appends to PREFIX.rankN.txt the name of every file whose checksum it
-# computes to verify a checkpoint (trainer.checkpoint.manifest.file_checksum). It observes only.
-_checksums = os.environ.get("LLM_TEST_CHECKSUMS", "")
-if _checksums:
-    import trainer.checkpoint.manifest
 
-    _file_checksum = trainer.checkpoint.manifest.file_checksum
-
-    def _observed_file_checksum(path, _prefix=_checksums):
-        with open(f"{_prefix}.rank{os.environ.get('RANK', '0')}.txt", "a") as listing:
-            listing.write(f"{path}\n")
-        return _file_checksum(path)
-
-    trainer.checkpoint.manifest.file_checksum = _observed_file_checksum
-
-# LLM_TEST_SLOW_CHECKSUMS=SECONDS: every checksum computed to verify a checkpoint takes SECONDS longer (a
-# checkpoint on a slow shared filesystem, at a scale where reading all of it takes minutes).
-_slow_checksums = float(os.environ.get("LLM_TEST_SLOW_CHECKSUMS", "0") or 0)
-if _slow_checksums:
-    import time
-
-    import trainer.checkpoint.manifest
-
-    _unslowed_checksum = trainer.checkpoint.manifest.file_checksum
-
-    def _slow_file_checksum(path, _seconds=_slow_checksums):
-        time.sleep(_seconds)
-        return _unslowed_checksum(path)
-
-    trainer.checkpoint.manifest.file_checksum = _slow_file_checksum
-
-# LLM_TEST_HOST_SYNCS=PREFIX:FIRST:LAST: each rank writes PREFIX.rankN.json listing every conversion of a
-# tensor to a host value (item, float, int, bool, cpu, tolist, numpy) made by the training thread from the
-# start of step FIRST to the start of step LAST + 1, with where it was made. The one read that is meant to
-# happen, StepReport.read of its host buffer (trainer/step_report.py), is left out. It observes only.
-_syncs = os.environ.get("LLM_TEST_HOST_SYNCS", "")
-if _syncs:
+@_after_import("trainer.loop")
+def _count_host_conversions(loop):
     import json
-    import sys
     import threading
     import traceback
     from pathlib import Path
 
     import torch
 
-    import trainer.loop
     from trainer.step_report import StepReport
 
-    _prefix_syncs, _first, _last = _syncs.rsplit(":", 2)
-    _window = {"open": False, "seen": [], "opened": []}
-    _main_thread = threading.main_thread()
+    window = {"open": False, "seen": [], "opened": []}
+    main_thread = threading.main_thread()
 
-    def _audit(event: str, args: tuple) -> None:  # files the training thread opens in the window
-        if event == "open" and _window["open"] and threading.current_thread() is _main_thread:
-            _window["opened"].append(str(args[0]))
+    def audit(event, args):  # files the training thread opens in the window
+        if event == "open" and window["open"] and threading.current_thread() is main_thread:
+            window["opened"].append(str(args[0]))
 
-    sys.addaudithook(_audit)
+    sys.addaudithook(audit)
 
-    def _where() -> str:
+    def where():
         frames = [f for f in traceback.extract_stack()[:-2] if "sitecustomize" not in f.filename]
         return " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
 
-    def _counted(name: str, original):
+    def counted(name, original):
         def conversion(self, *args, **kwargs):
-            if _window["open"] and threading.current_thread() is _main_thread:
+            if window["open"] and threading.current_thread() is main_thread:
                 caller = sys._getframe(1).f_code
                 if not (name == "numpy" and caller is StepReport.read.__code__):
-                    _window["seen"].append(f"Tensor.{name}: {_where()}")
+                    window["seen"].append(f"Tensor.{name}: {where()}")
             return original(self, *args, **kwargs)
 
         return conversion
 
-    for _name in ("item", "__float__", "__int__", "__bool__", "cpu", "tolist", "numpy"):
-        setattr(torch.Tensor, _name, _counted(_name, getattr(torch.Tensor, _name)))
+    for name in ("item", "__float__", "__int__", "__bool__", "cpu", "tolist", "numpy"):
+        setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
 
-    _step_before_syncs = trainer.loop.train_step
+    train_step = loop.train_step
 
-    def _windowed_train_step(ctx, batches, step, batch_index):
-        if step == int(_first):
-            _window["open"] = True
-        elif step == int(_last) + 1 and _window["open"]:
-            _window["open"] = False
-            record = {"first": int(_first), "last": int(_last), "conversions": _window["seen"],
-                      "opened": _window["opened"]}  # fmt: skip
-            Path(f"{_prefix_syncs}.rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))
-        return _step_before_syncs(ctx, batches, step, batch_index)
+    def windowed_train_step(ctx, batches, step, batch_index):
+        setting = _setting("HOST_SYNCS")
+        if setting:
+            prefix, first, last = setting.rsplit(":", 2)
+            if step == int(first):
+                window["open"] = True
+            elif step == int(last) + 1 and window["open"]:
+                window["open"] = False
+                record = {"first": int(first), "last": int(last), "conversions": window["seen"],
+                          "opened": window["opened"]}  # fmt: skip
+                Path(f"{prefix}.rank{ctx.rank}.json").write_text(json.dumps(record, indent=1))
+        return train_step(ctx, batches, step, batch_index)
 
-    trainer.loop.train_step = _windowed_train_step
+    loop.train_step = windowed_train_step
+
+
+# --- checkpoints: who checksums what, slowly if asked; DeepSpeed's conversion, slowly --------------------------
+
+
+@_after_import("trainer.checkpoint.manifest")
+def _watch_checksums(manifest):
+    import time
+
+    file_checksum = manifest.file_checksum
+
+    def watched_file_checksum(path):
+        listing = _setting("CHECKSUMS")
+        if listing:
+            with open(f"{listing}.rank{os.environ.get('RANK', '0')}.txt", "a") as out:
+                out.write(f"{path}\n")
+        seconds = float(_setting("SLOW_CHECKSUMS") or 0)
+        if seconds:
+            time.sleep(seconds)
+        return file_checksum(path)
+
+    manifest.file_checksum = watched_file_checksum
+
+
+@_after_import("trainer.parallel.deepspeed")
+def _slow_conversion(deepspeed_backend):
+    import time
+    from pathlib import Path
+
+    convert = deepspeed_backend.to_universal
+
+    def slowed(source, target):
+        setting = _setting("SLOW_CONVERSION")
+        if setting and os.environ.get("RANK") == "0":
+            seconds, marker = setting.split(":", 1)
+            time.sleep(float(seconds))
+            Path(marker).write_text("slept")
+        convert(source, target)
+
+    deepspeed_backend.to_universal = slowed
+
+
+# --- the filesystem as the rank sees it ---------------------------------------------------------------------
+
+
+def _install_filesystem_hooks():
+    fsync, scandir, listdir = os.fsync, os.scandir, os.listdir
+
+    def recorded_fsync(fd):
+        fsync(fd)
+        log = _setting("FSYNC_LOG")
+        if not log:
+            return
+        try:
+            line = os.readlink(f"/proc/self/fd/{fd}") + "\n"
+        except OSError:
+            return
+        out = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(out, line.encode())
+        finally:
+            os.close(out)
+
+    class Without:
+        def __init__(self, entries, hidden):
+            self._entries, self._hidden = entries, hidden
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self._entries.close()
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            while True:
+                entry = next(self._entries)
+                if entry.name != self._hidden:
+                    return entry
+
+        def close(self):
+            self._entries.close()
+
+    def hidden():
+        return _setting("HIDE_FROM_RANK0") if os.environ.get("RANK") == "0" else ""
+
+    def stale_scandir(path="."):
+        name = hidden()
+        return Without(scandir(path), name) if name else scandir(path)
+
+    def stale_listdir(path="."):
+        name = hidden()
+        return [entry for entry in listdir(path) if entry != name] if name else listdir(path)
+
+    os.fsync, os.scandir, os.listdir = recorded_fsync, stale_scandir, stale_listdir
+
+
+if any(arg in ("launcher.rank_server", "trainer.main") for arg in sys.orig_argv):
+    sys.meta_path.insert(0, _PatchAfterImport())
+    _install_filesystem_hooks()
