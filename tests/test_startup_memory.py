@@ -197,3 +197,42 @@ def test_non_persistent_buffers_come_from_the_replay_after_to_empty(arch):
         assert torch.equal(got[name], buffer), name
     for name, param in full.named_parameters():
         assert torch.equal(module.get_parameter(name), param), name
+
+
+def test_the_replay_gives_every_familys_seeded_weights_and_leaves_the_generator_where_the_full_build_does():
+    """Every decoder family of the matrix (padding rows, QK-norm, sliding windows, MoE experts, fused QKV), GPT-2 and
+    Llama: the tensors the replay yields (parameters and buffers, tied ones under each name) equal `from_config`
+    after the same seed, bit for bit, and so does the generator's state after it. A construction that reads a
+    value back (`.item()`) cannot be recorded: NotRecordable, so that rank 0 builds it as before."""
+    from test_decoder_matrix import COMMON, DECODERS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.models.deferred_init import NotRecordable, record, replay, state_refs
+
+    configs = {
+        name: AutoConfig.for_model(kind, **{**COMMON, **extra}) for name, (kind, extra) in DECODERS.items()
+    }
+    configs["gpt2"] = AutoConfig.for_model(
+        "gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=257, n_positions=32
+    )
+    configs["llama"] = AutoConfig.for_model("llama", **COMMON)
+    for name, config in configs.items():
+        build = lambda config=config: AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # noqa: E731
+        torch.manual_seed(3)
+        full = build()
+        expected, after = {**full.state_dict(), **dict(full.named_buffers())}, torch.get_rng_state()
+        torch.manual_seed(3)
+        model, recording = record(build)
+        got = {key: tensor.clone() for group in replay(recording, state_refs(model)) for key, tensor in group}
+        assert got.keys() == expected.keys(), name
+        assert all(torch.equal(got[key], tensor) for key, tensor in expected.items()), name
+        assert torch.equal(torch.get_rng_state(), after), name
+
+    class ReadsAValue(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4))
+            self.size = int(self.weight.sum().item())
+
+    with pytest.raises(NotRecordable):
+        record(ReadsAValue)

@@ -27,6 +27,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from trainer.errors import UserError
+
 OVERWRITING_OPS = frozenset(
     name
     for base in (
@@ -155,8 +157,15 @@ def record(build: Callable[[], nn.Module]) -> tuple[nn.Module, Recording]:
     taken first and left as it was (nothing on the meta device draws from it)."""
     rng_state = torch.get_rng_state()
     recorder = _Recorder()
-    with torch.device("meta"), _Constants(), recorder:
-        model = build()
+    try:
+        with torch.device("meta"), _Constants(), recorder:
+            model = build()
+    except (NotRecordable, UserError):
+        raise
+    except Exception as error:  # e.g. a constructor that reads a value back (`.item()` has none on meta)
+        raise NotRecordable(
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
     return model, Recording(recorder.ops, recorder.numel, rng_state)
 
 
