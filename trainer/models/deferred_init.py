@@ -17,8 +17,9 @@ operators) raises `NotRecordable`; the caller then builds the model in full (tra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,29 +30,12 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from trainer.errors import UserError
 
+_OVERWRITING = ("uniform", "normal", "fill", "zero", "copy", "random", "bernoulli", "exponential", "geometric",
+                "cauchy", "log_normal")  # fmt: skip
 OVERWRITING_OPS = frozenset(
-    name
-    for base in (
-        "uniform",
-        "normal",
-        "fill",
-        "zero",
-        "copy",
-        "random",
-        "bernoulli",
-        "exponential",
-        "geometric",
-        "cauchy",
-        "log_normal",
-    )  # fmt: skip
-    for name in (
-        f"aten.{base}_.default",
-        f"aten.{base}_.Tensor",
-        f"aten.{base}_.Scalar",
-        f"aten.{base}_.float",
-        f"aten.{base}_.from",
-        f"aten.{base}_.to",
-    )  # fmt: skip
+    f"aten.{base}_.{overload}"
+    for base in _OVERWRITING
+    for overload in ("default", "Tensor", "Scalar", "float", "from", "to")
 )
 """In-place operations whose result does not depend on the values they overwrite (first argument)."""
 
@@ -81,10 +65,10 @@ class _Ref:
 
     def covers(self, numel: int) -> bool:
         """Whether this view is the whole storage of `numel` elements, contiguous."""
-        return self.offset == 0 and _contiguous(self.size, self.stride) and _numel(self.size) == numel
+        return self.offset == 0 and _contiguous(self.size, self.stride) and math.prod(self.size) == numel
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Op:
     func: Any
     args: Any
@@ -92,7 +76,6 @@ class _Op:
     created: list[_Ref]
     writes: list[_Ref]
     seeded: bool
-    reads: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -188,25 +171,20 @@ def replay(
     missing = [names[0][0] for key, names in targets.items() if key not in recording.numel]
     if missing:
         raise NotRecordable(f"no recorded operation made {missing[:3]}")
-    needed = _needed(recording, set(targets))
-    last_write = {key: index for index, op in enumerate(recording.ops) if needed[index]
-                  for key in (*[r.key for r in op.writes], *[r.key for r in op.created])}  # fmt: skip
-    last_use = dict(last_write)
+    reads = _needed(recording, set(targets))
+    last_use: dict[int, int] = {}  # storage -> the last needed operation that writes or reads it
     for index, op in enumerate(recording.ops):
-        if needed[index]:
-            for key in op.reads:
-                last_use[key] = max(last_use.get(key, index), index)
-    done_at: dict[int, list[int]] = {}
-    for key in targets:
-        done_at.setdefault(max(last_use[key], last_write[key]), []).append(key)
+        if index in reads:
+            for key in (*(ref.key for ref in op.writes), *(ref.key for ref in op.created), *reads[index]):
+                last_use[key] = index
+    done_at: dict[int, list[int]] = {}  # operation -> the targets complete after it, or the others to free
     freed_at: dict[int, list[int]] = {}
     for key, index in last_use.items():
-        if key not in targets:
-            freed_at.setdefault(index, []).append(key)
+        (done_at if key in targets else freed_at).setdefault(index, []).append(key)
     real: dict[int, torch.Tensor] = {}
     torch.set_rng_state(recording.rng_state)
     for index, op in enumerate(recording.ops):
-        if needed[index]:
+        if index in reads:
             _run(op, real, recording.numel)
         elif op.seeded:
             _run_on_scratch(op)
@@ -217,18 +195,18 @@ def replay(
             real.pop(key, None)
 
 
-def _needed(recording: Recording, targets: set[int]) -> list[bool]:
-    """Which recorded operations make a target's final value (walked backwards: an operation is needed when
-    it writes memory that something needed reads later; a whole overwrite ends that memory's need)."""
+def _needed(recording: Recording, targets: set[int]) -> dict[int, set[int]]:
+    """{index: the storages it reads} of the recorded operations that make a target's final value (walked
+    backwards: an operation is needed when it writes memory that something needed reads later; a whole
+    overwrite ends that memory's need)."""
     live = set(targets)
-    needed = [False] * len(recording.ops)
+    needed: dict[int, set[int]] = {}
     for index in range(len(recording.ops) - 1, -1, -1):
         op = recording.ops[index]
         refs = [leaf for leaf in tree_leaves((op.args, op.kwargs)) if isinstance(leaf, _Ref)]
         written = {ref.key for ref in op.writes} | {ref.key for ref in op.created}
         if not written & live:
             continue
-        needed[index] = True
         for ref in op.created:
             live.discard(ref.key)
         overwritten = {
@@ -237,11 +215,13 @@ def _needed(recording: Recording, targets: set[int]) -> list[bool]:
         }  # fmt: skip
         live -= overwritten
         first = op.args[0] if op.args else None
-        op.reads = {
-            ref.key for ref in refs if not (ref is first and ref.key in overwritten) and ref.key not in
-            {created.key for created in op.created}
-        }  # fmt: skip
-        live |= op.reads
+        created = {ref.key for ref in op.created}
+        needed[index] = {
+            ref.key
+            for ref in refs
+            if not (ref is first and ref.key in overwritten) and ref.key not in created
+        }
+        live |= needed[index]
     return needed
 
 
@@ -249,17 +229,26 @@ def _view(base: torch.Tensor, ref: _Ref) -> torch.Tensor:
     return torch.as_strided(base, ref.size, ref.stride, ref.offset)
 
 
-def _run(op: _Op, real: dict[int, torch.Tensor], numel: dict[int, int]) -> None:
-    def materialise(value: Any) -> Any:
+def _call_on_cpu(op: _Op, tensor_for: Callable[[_Ref], torch.Tensor]) -> Any:
+    """`op` with each recorded tensor replaced by `tensor_for(ref)` and the meta device by the CPU."""
+
+    def real(value: Any) -> Any:
         if isinstance(value, _Ref):
-            if value.key not in real:  # memory written here first by a partial write: give it its storage
-                real[value.key] = torch.empty(numel[value.key], dtype=value.dtype)
-            return _view(real[value.key], value)
+            return tensor_for(value)
         if isinstance(value, torch.device) and value.type == "meta":
             return torch.device("cpu")
         return value
 
-    out = op.func(*tree_map(materialise, op.args), **tree_map(materialise, op.kwargs))
+    return op.func(*tree_map(real, op.args), **tree_map(real, op.kwargs))
+
+
+def _run(op: _Op, real: dict[int, torch.Tensor], numel: dict[int, int]) -> None:
+    def storage_view(ref: _Ref) -> torch.Tensor:
+        if ref.key not in real:  # memory written here first by a partial write: give it its storage
+            real[ref.key] = torch.empty(numel[ref.key], dtype=ref.dtype)
+        return _view(real[ref.key], ref)
+
+    out = _call_on_cpu(op, storage_view)
     outs = [tensor for tensor in tree_leaves(out) if isinstance(tensor, torch.Tensor)]
     for ref in op.created:
         tensor = next(t for t in outs if tuple(t.shape) == ref.size and t.stride() == ref.stride)
@@ -269,16 +258,16 @@ def _run(op: _Op, real: dict[int, torch.Tensor], numel: dict[int, int]) -> None:
 
 def _run_on_scratch(op: _Op) -> None:
     """A random write whose result nothing keeps: run on throwaway tensors of the same layout, so that the
-    generator advances exactly as in the full build."""
+    generator advances exactly as in the full build. An overwritten tensor's values are never read, so only
+    the others (a probability tensor) are zeroed."""
+    overwrites = str(op.func) in OVERWRITING_OPS
+    first = op.args[0] if op.args else None
 
-    def scratch(value: Any) -> Any:
-        if isinstance(value, _Ref):
-            return torch.empty_strided(value.size, value.stride, dtype=value.dtype).zero_()
-        if isinstance(value, torch.device) and value.type == "meta":
-            return torch.device("cpu")
-        return value
+    def scratch(ref: _Ref) -> torch.Tensor:
+        tensor = torch.empty_strided(ref.size, ref.stride, dtype=ref.dtype)
+        return tensor if overwrites and ref is first else tensor.zero_()
 
-    op.func(*tree_map(scratch, op.args), **tree_map(scratch, op.kwargs))
+    _call_on_cpu(op, scratch)
 
 
 def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
@@ -288,10 +277,3 @@ def _contiguous(size: tuple[int, ...], stride: tuple[int, ...]) -> bool:
             return False
         expected *= length
     return True
-
-
-def _numel(size: tuple[int, ...]) -> int:
-    count = 1
-    for length in size:
-        count *= length
-    return count

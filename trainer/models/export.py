@@ -42,6 +42,7 @@ from trainer.models.load import (
     checkpoint_origin,
     is_hf_folder,
     load_any,
+    model_from_checkpoint,
     refuse_untrusted_code,
     resolve_step_dir,
     saved_architecture,
@@ -49,7 +50,7 @@ from trainer.models.load import (
 from trainer.models.model_card import model_card, run_folder
 from trainer.models.pretrained import context_length, tied_names
 from trainer.models.safetensors_shards import PlannedTensor, ShardWriter
-from trainer.models.weight_files import WeightFiles, checkpoint_weights
+from trainer.models.weight_files import checkpoint_weights, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        plan = [PlannedTensor(name, shape, stored_dtype(kind, dtype)) for name, shape, kind in source.shapes]
+        plan = [
+            PlannedTensor(name, shape, stored_dtype(saved, dtype)) for name, shape, saved in source.shapes
+        ]
         shards = ShardWriter(tmp, max_shard_bytes, plan)
         for name, tensor in source.tensors():
             shards.add(name, cast(name, tensor, dtype))
@@ -140,9 +143,15 @@ def export_source(path: Path, trust_remote_code: bool) -> ExportSource:
             files = checkpoint_weights(step_dir)
             written = _written(model)
             shapes = [(names[0], ref.size, ref.dtype) for names, ref in written]
-            tensors = lambda: _streamed(written, files, step_dir)  # noqa: E731
+            where = f"checkpoint '{step_dir}'"
+            tensors = lambda: (  # noqa: E731
+                (names[0], read_checked(files, names, ref.size, where).to(ref.dtype))
+                for names, ref in written
+            )
             return ExportSource(model, tensors, shapes, *checkpoint_origin(step_dir))
-    loaded = load_any(path, trust_remote_code)
+        loaded = model_from_checkpoint(step_dir, trust_remote_code=trust_remote_code)  # verified above
+    else:
+        loaded = load_any(path, trust_remote_code)
     state = loaded.model.state_dict()
     kept = [name for name in state if name not in tied_names(loaded.model)]
     shapes = [(name, tuple(state[name].shape), state[name].dtype) for name in kept]
@@ -160,25 +169,6 @@ def _written(model: PreTrainedModel) -> list[tuple[list[str], Any]]:
         if names:
             written.append((names, group[0][1]))
     return written
-
-
-def _streamed(
-    written: list[tuple[list[str], Any]], files: WeightFiles, step_dir: Path
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors, one at a time, in the order of `written`."""
-    for names, ref in written:
-        saved = files.find(names)
-        if saved is None:
-            raise UserError(
-                f"checkpoint '{step_dir}' has no tensor {names[0]}; it does not fit its model_config.json"
-            )
-        tensor = files.read(saved)
-        if tuple(tensor.shape) != ref.size:
-            raise UserError(
-                f"checkpoint '{step_dir}': {saved} has shape {tuple(tensor.shape)}, its model_config.json says "
-                f"{ref.size}"
-            )
-        yield names[0], tensor.to(ref.dtype)
 
 
 def stored_dtype(saved: torch.dtype, dtype: str) -> torch.dtype:
@@ -233,17 +223,17 @@ def serving_tokenizer(tokenizer_dir: Path, positions: int):  # noqa: ANN201 (a t
 def write_checksums(folder: Path, known: dict[str, str] | None = None) -> None:
     """`sha256sum -c checksums.sha256` checks every file of the folder; `known` digests (files hashed as they were
     written) are not read again."""
-    known = known or {}
+    digests = dict(known or {})
     lines = []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = str(file.relative_to(folder))
-        if name not in known:
+        if name not in digests:
             digest = hashlib.sha256()
             with file.open("rb") as handle:
                 for block in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(block)
-            known[name] = digest.hexdigest()
-        lines.append(f"{known[name]}  {name}\n")
+            digests[name] = digest.hexdigest()
+        lines.append(f"{digests[name]}  {name}\n")
     (folder / CHECKSUMS).write_text("".join(lines))
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,30 +56,30 @@ def write_gguf(folder: Path, kind: str) -> Path:
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     _write_metadata(writer, config, kind)
     _write_tokenizer(writer, folder, config)
-    files = sorted(folder.glob("*.safetensors"))
-    plan: list[tuple[Path, str, str, Callable[[torch.Tensor], np.ndarray]]] = []
-    for file in files:
+    files = {
+        file: [] for file in sorted(folder.glob("*.safetensors"))
+    }  # file -> its tensors, in the table's order
+    for file, tensors in files.items():
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                target = _gguf_name(names, name)
                 shape, dtype, raw_dtype, nbytes = _stored_form(
                     config, name, handle.get_slice(name).get_shape(), kind
                 )
-                writer.add_tensor_info(target, shape, dtype, nbytes, raw_dtype=raw_dtype)
-                plan.append((file, name, target, _converter(config, name, kind)))
+                writer.add_tensor_info(_gguf_name(names, name), shape, dtype, nbytes, raw_dtype=raw_dtype)
+                tensors.append(name)
     factors = llama3_rope_factors(config)
     if factors is not None:  # Llama 3's RoPE scaling, which llama.cpp takes as a tensor of frequency factors
         writer.add_tensor_info("rope_freqs.weight", list(factors.shape), np.dtype(np.float32), factors.nbytes)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for file, name, _, convert in plan:
+    for file, tensors in files.items():
         with safe_open(str(file), framework="pt") as handle:
-            writer.write_tensor_data(convert(handle.get_tensor(name)))
+            for name in tensors:
+                writer.write_tensor_data(_stored(config, name, kind, handle.get_tensor(name)))
     if factors is not None:
         writer.write_tensor_data(factors)
     writer.close()
-    os.chmod(path, 0o644 & ~_umask())
     return path
 
 
@@ -192,32 +190,36 @@ def _gguf_name(names: Any, name: str) -> str:
     return f"{target}.{suffix}"
 
 
-def _converter(config: dict[str, Any], name: str, kind: str) -> Callable[[torch.Tensor], np.ndarray]:
-    """tensor -> what the file stores: laid out as llama.cpp reads it, in the file's type."""
+def _transposed(config: dict[str, Any], name: str) -> bool:
+    """GPT-2's Conv1D weights, stored (in, out), which llama.cpp reads (out, in)."""
+    return config["model_type"] == "gpt2" and name.endswith(GPT2_TRANSPOSED)
 
-    def layout(tensor: torch.Tensor) -> torch.Tensor:
-        if config["model_type"] == "gpt2" and name.endswith(GPT2_TRANSPOSED):
-            return tensor.T.contiguous()
-        if config["model_type"] == "llama" and name.endswith(
-            ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
-        ):
-            heads = config["num_attention_heads"]
-            if name.endswith("k_proj.weight"):
-                heads = config.get("num_key_value_heads") or heads
-            return _rotary_pairs(tensor, heads)
-        return tensor
 
-    def convert(tensor: torch.Tensor) -> np.ndarray:
-        import gguf
+def _quantized(kind: str, shape: list[int] | tuple[int, ...]) -> bool:
+    """A matrix whose rows divide into q8_0's blocks of 32 (the others stay f16, vectors f32)."""
+    return kind == "q8_0" and len(shape) >= 2 and shape[-1] % 32 == 0
 
-        data = layout(tensor.float()).numpy()
-        if data.ndim < 2:
-            return data.astype(np.float32)
-        if kind == "q8_0" and data.shape[-1] % 32 == 0:
-            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-        return data.astype(np.float16)
 
-    return convert
+def _stored(config: dict[str, Any], name: str, kind: str, tensor: torch.Tensor) -> np.ndarray:
+    """The tensor as the file stores it: laid out as llama.cpp reads it, in the file's type."""
+    import gguf
+
+    tensor = tensor.float()
+    if _transposed(config, name):
+        tensor = tensor.T.contiguous()
+    elif config["model_type"] == "llama" and name.endswith(
+        ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+    ):
+        heads = config["num_attention_heads"]
+        if name.endswith("k_proj.weight"):
+            heads = config.get("num_key_value_heads") or heads
+        tensor = _rotary_pairs(tensor, heads)
+    data = tensor.numpy()
+    if data.ndim < 2:
+        return data.astype(np.float32)
+    if _quantized(kind, data.shape):
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+    return data.astype(np.float16)
 
 
 def _stored_form(
@@ -227,17 +229,13 @@ def _stored_form(
     alone, in the form GGUFWriter's tensor table takes (a quantized tensor's shape in bytes)."""
     import gguf
 
-    laid_out = (
-        list(shape[::-1])
-        if config["model_type"] == "gpt2" and name.endswith(GPT2_TRANSPOSED)
-        else list(shape)
-    )
+    laid_out = list(shape[::-1]) if _transposed(config, name) else list(shape)
     if len(laid_out) < 2:
-        return laid_out, np.dtype(np.float32), None, _numel(laid_out) * 4
-    if kind == "q8_0" and laid_out[-1] % 32 == 0:
+        return laid_out, np.dtype(np.float32), None, math.prod(laid_out) * 4
+    if _quantized(kind, laid_out):
         byte_shape = list(gguf.quants.quant_shape_to_byte_shape(laid_out, gguf.GGMLQuantizationType.Q8_0))
-        return byte_shape, np.dtype(np.uint8), gguf.GGMLQuantizationType.Q8_0, _numel(byte_shape)
-    return laid_out, np.dtype(np.float16), None, _numel(laid_out) * 2
+        return byte_shape, np.dtype(np.uint8), gguf.GGMLQuantizationType.Q8_0, math.prod(byte_shape)
+    return laid_out, np.dtype(np.float16), None, math.prod(laid_out) * 2
 
 
 def _rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -246,16 +244,3 @@ def _rotary_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return (
         weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
     )
-
-
-def _numel(shape: Any) -> int:
-    count = 1
-    for length in shape:
-        count *= int(length)
-    return count
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

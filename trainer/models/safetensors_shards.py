@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +39,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        count = 1
-        for length in self.shape:
-            count *= length
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass

@@ -19,6 +19,7 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trainer.checkpoint.dcp_read import MODEL_PREFIX, read_entries, read_metadata
+from trainer.errors import UserError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -117,6 +118,21 @@ class SafetensorsWeights:
 
         with safe_open(str(self._files[saved_name]), framework="pt") as handle:
             return handle.get_tensor(saved_name)
+
+
+def read_checked(files: WeightFiles, names: list[str], shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """The saved tensor the model knows under `names`, checked against the model's `shape`; a one-line error
+    naming `where` the weights came from when it is missing or of another shape."""
+    saved = files.find(names)
+    if saved is None:
+        raise UserError(f"{where} has no tensor {names[0]}; its weights do not fit its config")
+    tensor = files.read(saved)
+    if tuple(tensor.shape) != tuple(shape):
+        raise UserError(
+            f"{where}: {saved} has shape {tuple(tensor.shape)}, the model's {names[0]} {tuple(shape)}; its weights "
+            "do not fit its config"
+        )
+    return tensor
 
 
 def has_safetensors(folder: Path) -> bool:

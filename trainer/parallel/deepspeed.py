@@ -28,7 +28,7 @@ from trainer.parallel.deepspeed_universal import (
     wait_for_conversion,
 )
 from trainer.parallel.inputs import model_inputs, prepare_attention
-from trainer.parallel.model_source import ModelSource
+from trainer.parallel.model_source import ModelSource, StateGroup, fill_from
 from trainer.parallel.node_layout import consecutive_layout_problem, node_major_order
 from trainer.parallel.sharding import shard_group_size, state_bytes
 
@@ -297,20 +297,18 @@ def _partitioned_model(source: ModelSource, ds_config: dict[str, Any], device: t
         model = source.empty()
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))  # not partitioned: each rank's whole
-    filled: set[str] = set()
-    for group in source.state(device):
+
+    def keep_partition(group: StateGroup) -> None:
         name, full = group[0]
-        filled.update(each for each, _ in group)
         if name in buffers:
             for each, _ in group:
                 buffers[each].data.copy_(full)
-            continue
-        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):
+            return
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0):  # tied: one parameter
             if dist.get_rank() == 0:
                 params[name].data.copy_(full)
-    expected = params.keys() | buffers.keys()
-    if filled != expected:
-        raise RuntimeError(f"the initial model and the partitioned one differ in {sorted(filled ^ expected)}")
+
+    fill_from(source, device, params.keys() | buffers.keys(), keep_partition)
     check_tied(model)
     return model
 

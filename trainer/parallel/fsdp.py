@@ -37,7 +37,7 @@ from trainer.models.build import check_tied, compile_blocks, decoder_layers
 from trainer.models.pretrained import tied_names
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.parallel.inputs import model_inputs, prepare_attention
-from trainer.parallel.model_source import ModelSource
+from trainer.parallel.model_source import ModelSource, StateGroup, fill_from
 from trainer.parallel.node_layout import node_major_order, shard_groups
 from trainer.parallel.sharding import shard_group_size, state_bytes
 
@@ -94,15 +94,12 @@ def materialize(module: FSDPModule, source: ModelSource, device: torch.device) -
         module.tie_weights()  # `to_empty` gives each module its own tensor; FSDP's root unit keeps them one
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
-    filled = set()
-    for group in source.state(device):
+
+    def keep_shard(group: StateGroup) -> None:
         for name, full in group:
             _copy_shard(tensors[name], full)
-            filled.add(name)
-    if filled != tensors.keys():
-        raise RuntimeError(
-            f"the initial model has other tensors than the sharded one: {sorted(filled ^ tensors.keys())}"
-        )
+
+    fill_from(source, device, tensors, keep_shard)
     check_tied(module)
 
 

@@ -1,9 +1,9 @@
-"""The run's initial model on its way to the backends, one tensor at a time, never whole on any rank."""
+"""The run's initial model on its way to the backends, one tensor at a time."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from trainer.distributed import DistEnv
 from trainer.errors import UserError
 from trainer.models.build import ModelRecipe
 from trainer.models.deferred_init import NotRecordable, Recording, replay, state_refs
-from trainer.models.weight_files import WeightFiles
+from trainer.models.weight_files import WeightFiles, read_checked
 from trainer.parallel.saved_weights import saved_weights, verified_init_step
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,12 @@ class ModelSource:
     - a seeded model is recorded on the meta device and replayed on every rank (trainer/models/
       deferred_init.py): no rank holds more than its shards and one tensor in transit, nothing is sent, and
       the weights are bit for bit those of the model built in full from the seed;
-    - a model from `init_from` (an FSDP checkpoint of llm-train's, a Hugging Face folder of safetensors) is
-      recorded the same way for its shape and buffers, and each of its saved tensors is read by one rank (the
-      ranks take turns) and sent to the others: the folder is read once in all, never by rank 0 alone;
-    - any other (a DeepSpeed checkpoint, a model name; a model whose construction cannot be recorded) is
-      built in full on rank 0, which sends one tensor at a time.
+    - a model from `init_from` (a checkpoint of llm-train's, of either backend; a Hugging Face folder of
+      safetensors) is recorded the same way for its shape and buffers, and each of its saved tensors is read by
+      one rank (the ranks take turns) and sent to the others: the folder is read once in all, never by rank 0
+      alone (trainer/parallel/saved_weights.py);
+    - any other (`.bin` weights, a model name; a model whose construction cannot be recorded) is built in full
+      on rank 0, which sends one tensor at a time.
     The initial weights are the same whatever the world size or backend.
     """
 
@@ -89,11 +90,7 @@ class ModelSource:
         groups = state_refs(model)
         saved = {key: files.find([name for name, _ in group]) for key, group in groups.items()}
         unsaved = {key: group for key, group in groups.items() if saved[key] is None}
-        made = {
-            next(name for name, _ in group): tensor.clone()
-            for group in replay(recording, unsaved)
-            for _, tensor in group[:1]
-        }
+        made = {group[0][0]: group[0][1].clone() for group in replay(recording, unsaved)}
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
         turn = 0
@@ -104,12 +101,8 @@ class ModelSource:
                 continue
             owner, turn = turn % world, turn + 1
             if rank == owner:
-                tensor = files.read(saved[key]).to(device=device, dtype=ref.dtype)
-                if tuple(tensor.shape) != ref.size:
-                    raise UserError(
-                        f"model.init_from: '{saved[key]}' has shape {tuple(tensor.shape)}, the model's {name} "
-                        f"{ref.size}; the folder's weights do not fit its config.json"
-                    )
+                tensor = read_checked(files, [each for each, _ in group], ref.size, "model.init_from")
+                tensor = tensor.to(device=device, dtype=ref.dtype)
             else:
                 tensor = torch.empty(ref.size, dtype=ref.dtype, device=device)
             if world > 1:
@@ -129,7 +122,19 @@ class ModelSource:
             if sharing:
                 dist.broadcast(tensor, src=0)
             yield [(each, tensor) for each, _ in group]
-        del full
+
+
+def fill_from(
+    source: ModelSource, device: torch.device, names: Collection[str], fill: Callable[[StateGroup], None]
+) -> None:
+    """Hand each tensor of the source's state to `fill` (a backend keeping its part of it), and check that the
+    source named exactly the backend's parameters and buffers (`names`)."""
+    filled: set[str] = set()
+    for group in source.state(device):
+        fill(group)
+        filled.update(name for name, _ in group)
+    if filled != set(names):
+        raise RuntimeError(f"the initial model and the backend's differ in {sorted(filled ^ set(names))}")
 
 
 def _named_tensor(model: nn.Module, name: str) -> torch.Tensor:

@@ -69,7 +69,8 @@ def saved_weights(recipe: ModelRecipe) -> tuple[Any, Recording, WeightFiles] | N
     path = Path(source).expanduser()
     if not path.is_dir():
         return None
-    if is_hf_folder(path):
+    hf_folder = is_hf_folder(path)
+    if hf_folder:
         if not has_safetensors(path):
             return None
         config = load_hf_config(str(path), cfg.trust_remote_code, "model.init_from")
@@ -85,7 +86,7 @@ def saved_weights(recipe: ModelRecipe) -> tuple[Any, Recording, WeightFiles] | N
     check_family(config, cfg.arch, source)
     check_fits(config, source, recipe.vocab_size, recipe.seq_len)
     model, recording = record(lambda: empty_model(config, cfg, recipe.attn))
-    if is_hf_folder(path):
+    if hf_folder:
         files: WeightFiles = SafetensorsWeights(path, model.base_model_prefix)
     else:
         files = checkpoint_weights(path)
